@@ -32,8 +32,9 @@ MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
 # --- store ----------------------------------------------------------------
 # SQLite waits this long for a lock held by another process (CLI vs daemon).
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-# Temp chunk files older than this at open are leftovers of a crash.
-STALE_TEMP_SECONDS = 0.0
+# Temp object files older than this belong to a writer that died: one chunk
+# write takes milliseconds, so ten minutes never races a live writer.
+STALE_TEMP_SECONDS = 600.0
 
 # --- passphrases (OWASP 2023 Argon2id guidance: m=64 MiB, t=3, p=1 is a
 # comfortable interactive setting on a 2-core laptop) ----------------------

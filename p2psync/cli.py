@@ -1,0 +1,344 @@
+"""The ``p2psync`` command line.
+
+The only module that reads environment variables, decides exit codes and
+prints for humans. Every command that prints data takes ``--json``.
+
+Exit codes: 0 success; 1 a user-facing error (one line on stderr, no
+traceback); 2 bad usage (argparse); 130 interrupted.
+
+Environment: ``P2PSYNC_HOME`` sets the home when ``--home`` is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2psync import __version__
+from p2psync.crypto.group import group_id_text
+from p2psync.errors import NotFound, P2PSyncError
+from p2psync.home import Home, default_home
+from p2psync.proto.entry import Kind, hlc_to_ms
+from p2psync.store import Meta, Store, StoredEntry
+
+
+class UserError(P2PSyncError):
+    """A mistake in what the user asked for."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _home(args: argparse.Namespace) -> Home:
+    if args.home:
+        return Home(Path(args.home).expanduser())
+    env = os.environ.get("P2PSYNC_HOME")
+    return Home(Path(env).expanduser() if env else default_home())
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif human:
+        print(human)
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _entry_json(stored: StoredEntry) -> dict[str, Any]:
+    entry = stored.entry
+    meta = stored.meta
+    return {
+        "key": stored.key,
+        "kind": entry.kind.name.lower(),
+        "blob": entry.blob.hex() or None,
+        "size": entry.size,
+        "status": "ok" if stored.complete else "pending",
+        "author": str(entry.author),
+        "seq": entry.seq,
+        "time_ms": hlc_to_ms(entry.hlc),
+        "content_type": meta.content_type if meta else None,
+        "name": meta.name if meta else None,
+        "cursor": stored.cursor,
+    }
+
+
+# --- commands ------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = _home(args)
+    identity = home.init(os.urandom, name=args.name or "")
+    _emit(
+        args,
+        {"node_id": str(identity.node_id), "home": str(home.path)},
+        f"{identity.node_id}\n(new device in {home.path}; next: `p2psync group create` "
+        "or `p2psync join CODE`)",
+    )
+    return 0
+
+
+def cmd_group_create(args: argparse.Namespace) -> int:
+    home = _home(args)
+    secret = home.create_group(os.urandom)
+    gid = group_id_text(secret.keys().group_id)
+    with home.open_store() as store:
+        name = home.load_config().name
+        store.append(
+            Kind.MEMBER,
+            Meta(key="", content_type="device", name=name,
+                 app={"node_id": str(store.identity.node_id)}),
+            now_ms=_now_ms(),
+        )  # fmt: skip
+    _emit(args, {"group_id": gid, "epoch": secret.epoch}, f"created group {gid}")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    home = _home(args)
+    identity = home.load_identity()
+    secrets = home.load_secrets()
+    group = group_id_text(secrets[0].keys().group_id) if secrets else None
+    name = home.load_config().name
+    _emit(
+        args,
+        {"node_id": str(identity.node_id), "name": name, "group_id": group, "home": str(home.path)},
+        f"node   {identity.node_id}\nname   {name or '-'}\ngroup  {group or '(none)'}\n"
+        f"home   {home.path}",
+    )
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if args.path == "-":
+        if not args.key:
+            raise UserError("reading from stdin needs --key KEY")
+        key, name = args.key, None
+        source = sys.stdin.buffer
+        content_type = None
+    else:
+        path = Path(args.path)
+        if not path.is_file():
+            raise UserError(f"{path} is not a readable file")
+        key, name = args.key or path.name, path.name
+        content_type = mimetypes.guess_type(path.name)[0]
+        source = path.open("rb")
+    with home.open_store() as store, source:
+        blob_id, size = store.put_blob(source)
+        stored = store.append(
+            Kind.PUT,
+            Meta(key=key, content_type=content_type, name=name),
+            now_ms=_now_ms(),
+            blob=blob_id,
+            size=size,
+        )
+    _emit(args, _entry_json(stored), f"put {key} ({_human_size(size)}) blob {blob_id.hex()[:16]}")
+    return 0
+
+
+def _resolve(store: Store, target: str) -> tuple[bytes, str]:
+    head = store.head(target)
+    if head is not None and head.entry.kind is Kind.PUT:
+        return head.entry.blob, target
+    if head is not None:
+        raise NotFound(f"{target} was deleted")
+    if len(target) == 64:
+        try:
+            return bytes.fromhex(target), target
+        except ValueError:
+            pass
+    raise NotFound(f"no key or blob named {target!r} (see `p2psync ls`)")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    home = _home(args)
+    with home.open_store() as store:
+        blob_id, _ = _resolve(store, args.target)
+        if args.output in (None, "-"):
+            out = sys.stdout.buffer
+            for chunk in store.iter_blob(blob_id):
+                out.write(chunk)
+            out.flush()
+            return 0
+        target = Path(args.output)
+        tmp = target.with_name(f".{target.name}.p2psync-tmp")
+        written = 0
+        try:
+            with tmp.open("wb") as handle:
+                for chunk in store.iter_blob(blob_id):
+                    handle.write(chunk)
+                    written += len(chunk)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if not args.json:
+        print(f"wrote {target} ({_human_size(written)})", file=sys.stderr)
+    else:
+        _emit(args, {"path": str(target), "size": written}, "")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    home = _home(args)
+    with home.open_store() as store:
+        rows = store.live()
+        if args.json:
+            _emit(args, [_entry_json(r) for r in rows], "")
+            return 0
+        if not rows:
+            print("(empty)")
+            return 0
+        width = max(len(r.key or "") for r in rows)
+        for row in rows:
+            status = "ok" if row.complete else "pending"
+            if not row.complete:
+                done, needed = store.blob_progress(row.entry.blob)
+                status = f"pending {done}/{needed}"
+            when = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(hlc_to_ms(row.entry.hlc) / 1000)
+            )
+            print(
+                f"{(row.key or ''):<{width}}  {_human_size(row.entry.size):>10}  {when}  "
+                f"{row.entry.author.short()}  {status}"
+            )
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    home = _home(args)
+    with home.open_store() as store:
+        head = store.head(args.key)
+        if head is None or head.entry.kind is not Kind.PUT:
+            raise NotFound(f"no key named {args.key!r} (see `p2psync ls`)")
+        stored = store.append(Kind.DELETE, Meta(key=args.key), now_ms=_now_ms())
+        freed = store.gc()
+    _emit(
+        args,
+        {**_entry_json(stored), "objects_removed": freed.objects_removed},
+        f"removed {args.key}",
+    )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _home(args).open_store() as store:
+        result = store.gc()
+    _emit(
+        args,
+        {"objects_removed": result.objects_removed, "bytes_removed": result.bytes_removed},
+        f"removed {result.objects_removed} objects ({_human_size(result.bytes_removed)})",
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from p2psync.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+# --- parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def common_options(default: Any) -> argparse.ArgumentParser:
+        # The same options are accepted before and after the command; the
+        # sub-command copies default to SUPPRESS so they don't undo the first.
+        options = argparse.ArgumentParser(add_help=False)
+        options.add_argument(
+            "--home",
+            default=default,
+            help="device home directory (default: $P2PSYNC_HOME or the user data dir)",
+        )
+        options.add_argument(
+            "--json",
+            action="store_true",
+            default=default or False,
+            help="print machine-readable JSON",
+        )
+        return options
+
+    common = common_options(argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="p2psync",
+        description="Peer-to-peer, end-to-end encrypted, local-first sync for your devices.",
+        parents=[common_options(None)],
+    )
+    parser.add_argument("--version", action="version", version=f"p2psync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> Any:
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        command.set_defaults(handler=handler)
+        return command
+
+    init = add("init", cmd_init, "create this device's identity")
+    init.add_argument("--name", help="a name for this device, shown to your other devices")
+
+    group = add("group", lambda _: 2, "manage this device's group")
+    group_sub = group.add_subparsers(dest="group_command", required=True, metavar="ACTION")
+    create = group_sub.add_parser("create", help="start a new group with this device",
+                                  parents=[common])  # fmt: skip
+    create.set_defaults(handler=cmd_group_create)
+
+    add("whoami", cmd_whoami, "show this device's NodeId, name and group")
+
+    put = add("put", cmd_put, "store a file (or - for stdin) under a key")
+    put.add_argument("path", help="file to store, or - to read stdin")
+    put.add_argument("--key", help="the key to store it under (default: the file name)")
+
+    get = add("get", cmd_get, "write the current value of a key (or a blob id) out")
+    get.add_argument("target", metavar="KEY|BLOB", help="a key from `ls`, or a 64-hex blob id")
+    get.add_argument("-o", "--output", help="write to this file (default: stdout)")
+
+    add("ls", cmd_ls, "list keys and their current values")
+
+    rm = add("rm", cmd_rm, "delete a key (a signed tombstone that syncs like any write)")
+    rm.add_argument("key")
+
+    add("gc", cmd_gc, "delete stored objects that no current value references")
+
+    demo = add("demo", cmd_demo, "a guided tour in a throw-away home")
+    demo.add_argument("--keep", action="store_true", help="keep the demo home for exploring")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except P2PSyncError as exc:
+        print(f"p2psync: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # Reader went away (e.g. `p2psync get KEY | head`); not our error.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("p2psync: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"p2psync: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""A device's home directory: its keys, its config and its store.
+
+Layout (directory mode 0700, key files 0600)::
+
+    HOME/
+      identity.key   msgpack [1, seed bin32]          the device's Ed25519 seed
+      group.key      msgpack [1, [secret bytes, ...]]  group secrets, one per epoch
+      config.toml    user-editable settings (name, ...)
+      store.sqlite   entries, objects and blob index (WAL mode)
+      objects/       sealed objects, named by BLAKE3 of their bytes
+
+Rules: ``init`` never overwrites an identity; secrets are written to a temp
+file with mode 0600, fsynced and renamed, so a crash leaves the old file or
+the new one, never half of either; any file that does not parse is reported
+with its path and what to do, never silently replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from p2psync.crypto.group import GroupSecret
+from p2psync.crypto.identity import Identity, RandomBytes
+from p2psync.errors import BadFrame, ConfigError
+from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
+from p2psync.store.store import Store
+
+_KEYFILE_VERSION = 1
+_MAX_KEYFILE = 64 * 1024
+_MAX_NAME = 64
+
+
+def default_home() -> Path:
+    """The platform's per-user data directory (e.g. ``~/.local/share/p2psync``)."""
+    return platformdirs.user_data_path("p2psync", appauthor=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Settings from ``config.toml``. Later issues add fields with defaults."""
+
+    name: str = ""
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if len(name) > _MAX_NAME or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"a device name is at most {_MAX_NAME} printable characters")
+    return name
+
+
+def parse_config_untrusted(text: str, source: str) -> NodeConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    known = {"name"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: 'name' must be a string")
+    return NodeConfig(name=_check_name(name))
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+class Home:
+    """Paths and key files of one device. Creating it does no I/O."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def identity_file(self) -> Path:
+        return self.path / "identity.key"
+
+    @property
+    def group_file(self) -> Path:
+        return self.path / "group.key"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.toml"
+
+    def exists(self) -> bool:
+        return self.identity_file.exists()
+
+    # --- identity -------------------------------------------------------------
+
+    def init(self, random_bytes: RandomBytes, name: str = "") -> Identity:
+        """Create a new device identity; refuse if one exists."""
+        if self.exists():
+            existing = self.load_identity()
+            raise ConfigError(
+                f"{self.path} already holds device {existing.node_id}; "
+                "refusing to overwrite it (use another --home)"
+            )
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        identity = Identity.generate(random_bytes)
+        _write_private(self.identity_file, pack([_KEYFILE_VERSION, identity.seed]))
+        _write_private(self.config_file, f"name = {_toml_string(_check_name(name))}\n".encode())
+        return identity
+
+    def load_identity(self) -> Identity:
+        if not self.exists():
+            raise ConfigError(f"no device at {self.path}: run `p2psync init` first")
+        try:
+            items = self._read_keyfile(self.identity_file)
+            return Identity.from_seed(as_bytes(items[1], "seed", size=32))
+        except BadFrame as exc:
+            raise ConfigError(f"{self.identity_file} is damaged: {exc}") from exc
+
+    def _read_keyfile(self, path: Path) -> list[object]:
+        data = path.read_bytes()
+        items = as_list(unpack_untrusted(data, max_size=_MAX_KEYFILE), path.name, length=2)
+        as_int(items[0], f"{path.name} version", lo=_KEYFILE_VERSION, hi=_KEYFILE_VERSION)
+        return items
+
+    # --- group ----------------------------------------------------------------
+
+    def load_secrets(self) -> list[GroupSecret]:
+        if not self.group_file.exists():
+            return []
+        try:
+            items = self._read_keyfile(self.group_file)
+            return [
+                GroupSecret.from_bytes_untrusted(as_bytes(s, "secret", max_size=64))
+                for s in as_list(items[1], "secrets")
+            ]
+        except BadFrame as exc:
+            raise ConfigError(f"{self.group_file} is damaged: {exc}") from exc
+
+    def save_secret(self, secret: GroupSecret) -> None:
+        """Add ``secret`` to the keyring file (same group only)."""
+        secrets = {s.epoch: s for s in self.load_secrets()}
+        if secrets:
+            ours = next(iter(secrets.values())).keys().group_id
+            if secret.keys().group_id != ours:
+                raise ConfigError("this device already belongs to another group")
+        secrets[secret.epoch] = secret
+        payload = pack([_KEYFILE_VERSION, [s.to_bytes() for s in secrets.values()]])
+        _write_private(self.group_file, payload)
+
+    def create_group(self, random_bytes: RandomBytes) -> GroupSecret:
+        self.load_identity()
+        if self.load_secrets():
+            raise ConfigError(
+                "this device is already in a group; a device belongs to one group at a time"
+            )
+        secret = GroupSecret.generate(random_bytes)
+        self.save_secret(secret)
+        return secret
+
+    # --- config and store -----------------------------------------------------
+
+    def load_config(self) -> NodeConfig:
+        if not self.config_file.exists():
+            return NodeConfig()
+        return parse_config_untrusted(self.config_file.read_text(), str(self.config_file))
+
+    def open_store(self, random_bytes: RandomBytes = os.urandom) -> Store:
+        return Store(
+            self.path, self.load_identity(), self.load_secrets(), random_bytes=random_bytes
+        )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, owner-only from the first byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,721 @@
+"""The local store: feeds of signed entries, sealed objects, and their index.
+
+Theory
+------
+Everything a device knows lives here, and every write lands here first
+(local first): a ``put`` is complete when its objects are fsynced and its
+entry is committed, whether or not any peer is reachable.
+
+- **Objects** (sealed chunks and manifests, see :mod:`p2psync.store.objects`)
+  are files named by their hash (:mod:`p2psync.store.files`).
+- **SQLite** (WAL mode) indexes entries, objects and blobs:
+
+  ``entries``      every accepted entry; ``cursor`` is the local arrival
+                   order (AUTOINCREMENT: never reused), ``raw`` the exact
+                   signed bytes for forwarding to peers
+  ``heads``        the winning entry per key (highest ``(hlc, author)``);
+                   a DELETE head is a tombstone hiding older values
+  ``objects``      which objects are present on disk
+  ``blobs``        per blob: size, chunk count once known, complete or not
+  ``blob_chunks``  a multi-chunk blob's chunk list, from its manifest
+
+- Entries whose blob is not complete are **pending**: listed, not readable.
+  :meth:`Store.missing_objects` tells sync what to fetch; every fetched
+  object is verified by hash before it is stored (:meth:`Store.add_object`).
+- Only the blobs of *live* heads are fetched and kept; :meth:`Store.gc`
+  deletes objects no live entry references.
+
+Concurrency: one writer at a time per home (``BEGIN IMMEDIATE``); the CLI
+and a daemon may both open the store, SQLite's busy timeout serialises them.
+The store does blocking I/O; trio shells call it via ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from p2psync import defaults
+from p2psync.crypto.group import GroupKeys, GroupSecret
+from p2psync.crypto.identity import Identity, NodeId, RandomBytes
+from p2psync.errors import BadFrame, ConfigError, IntegrityError, LocalProtocolError, NotFound
+from p2psync.proto.entry import (
+    Entry,
+    EntryRejected,
+    HybridClock,
+    Kind,
+    decode_entry_untrusted,
+    sign_entry,
+    verify_entry,
+)
+from p2psync.store.files import CorruptObject, ObjectFiles
+from p2psync.store.objects import (
+    OVERHEAD,
+    ChunkRef,
+    Manifest,
+    Meta,
+    ObjectKind,
+    decode_manifest_untrusted,
+    key_hash,
+    object_id,
+    open_meta,
+    open_sealed_object,
+    read_header_untrusted,
+    seal,
+    seal_meta,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v ANY) STRICT;
+CREATE TABLE IF NOT EXISTS entries (
+    cursor    INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry_id  BLOB NOT NULL UNIQUE,
+    author    BLOB NOT NULL,
+    seq       INTEGER NOT NULL,
+    hlc       INTEGER NOT NULL,
+    kind      INTEGER NOT NULL,
+    blob      BLOB,
+    size      INTEGER NOT NULL,
+    key_hash  BLOB,
+    raw       BLOB NOT NULL,
+    UNIQUE (author, seq)
+) STRICT;
+CREATE TABLE IF NOT EXISTS heads (
+    key_hash  BLOB PRIMARY KEY,
+    cursor    INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS objects (
+    object_id BLOB PRIMARY KEY,
+    kind      INTEGER NOT NULL,
+    size      INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS blobs (
+    blob_id     BLOB PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    chunk_count INTEGER,
+    complete    INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE IF NOT EXISTS blob_chunks (
+    blob_id   BLOB NOT NULL,
+    idx       INTEGER NOT NULL,
+    chunk_id  BLOB NOT NULL,
+    size      INTEGER NOT NULL,
+    PRIMARY KEY (blob_id, idx)
+) STRICT;
+CREATE INDEX IF NOT EXISTS blob_chunks_by_chunk ON blob_chunks (chunk_id);
+"""
+
+
+class BlobPending(NotFound):
+    """The entry exists but its blob has not fully arrived yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """An entry as this device holds it, with what only the group can read."""
+
+    cursor: int
+    entry: Entry
+    meta: Meta | None  # None for entries whose meta we cannot open
+    complete: bool  # blob fully present (always True for non-PUT)
+
+    @property
+    def key(self) -> str | None:
+        return None if self.meta is None else self.meta.key
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    accepted: list[Entry]
+    duplicates: int
+    rejected: list[tuple[bytes, str]]  # (raw prefix for logs, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    objects_removed: int
+    bytes_removed: int
+
+
+class Store:
+    """One device's store under ``root``. Open with :meth:`open`; close it."""
+
+    def __init__(
+        self,
+        root: Path,
+        identity: Identity,
+        secrets: Iterable[GroupSecret],
+        *,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        self.root = root
+        self.identity = identity
+        self._random_bytes = random_bytes
+        self.keyring: dict[int, GroupKeys] = {s.epoch: s.keys() for s in secrets}
+        self.files = ObjectFiles(root / "objects")
+        self.files.clean_temp()
+        self._db = sqlite3.connect(
+            root / "store.sqlite", isolation_level=None, check_same_thread=False
+        )
+        self._db.execute(f"PRAGMA busy_timeout = {defaults.SQLITE_BUSY_TIMEOUT_MS}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        with self._write():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            row = self._db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise ConfigError(
+                    f"store schema {row[0]} is not supported by this version ({SCHEMA_VERSION})"
+                )
+        self._clock = HybridClock(self._max_hlc())
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- keys ---------------------------------------------------------------
+
+    @property
+    def has_group(self) -> bool:
+        return bool(self.keyring)
+
+    @property
+    def keys(self) -> GroupKeys:
+        """Keys of the newest epoch; what new data is sealed with."""
+        if not self.keyring:
+            raise ConfigError(
+                "this device is in no group yet: run `p2psync group create` or `p2psync join CODE`"
+            )
+        return self.keyring[max(self.keyring)]
+
+    def add_secret(self, secret: GroupSecret) -> None:
+        if self.keyring and secret.keys().group_id != self.keys.group_id:
+            raise ConfigError("this device already belongs to another group")
+        self.keyring[secret.epoch] = secret.keys()
+
+    # --- transactions ---------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _max_hlc(self) -> int:
+        row = self._db.execute("SELECT COALESCE(MAX(hlc), 0) FROM entries").fetchone()
+        return int(row[0])
+
+    # --- objects --------------------------------------------------------------
+
+    def has_object(self, oid: bytes) -> bool:
+        row = self._db.execute("SELECT 1 FROM objects WHERE object_id = ?", (oid,)).fetchone()
+        return row is not None
+
+    def read_object(self, oid: bytes) -> bytes:
+        """The sealed bytes of a stored object, hash-verified."""
+        try:
+            return self.files.read_verified(oid)
+        except CorruptObject:
+            self._forget_object(oid)
+            raise
+
+    def _store_object(self, oid: bytes, sealed: bytes, kind: ObjectKind) -> None:
+        if not self.has_object(oid):
+            self.files.write(oid, sealed)
+            self._db.execute(
+                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?)", (oid, int(kind), len(sealed))
+            )
+
+    def _forget_object(self, oid: bytes) -> None:
+        """An object went bad on disk: mark it missing so sync fetches it again."""
+        with self._write() as db:
+            db.execute("DELETE FROM objects WHERE object_id = ?", (oid,))
+            db.execute(
+                "UPDATE blobs SET complete = 0 WHERE blob_id = ? OR blob_id IN "
+                "(SELECT blob_id FROM blob_chunks WHERE chunk_id = ?)",
+                (oid, oid),
+            )
+
+    def add_object(self, oid: bytes, sealed: bytes) -> bool:
+        """Store an object received from a peer; verify it first.
+
+        Returns True if it was new. Raises :class:`IntegrityError` if the bytes
+        do not hash to ``oid``, :class:`BadFrame` if it is malformed or does
+        not fit the blob that references it.
+        """
+        if object_id(sealed) != oid:
+            raise IntegrityError(f"object {oid.hex()[:16]} does not match its hash")
+        kind, _ = read_header_untrusted(sealed)
+        if kind is ObjectKind.META:
+            raise BadFrame("meta objects travel inside entries, not as objects")
+        with self._write() as db:
+            if self.has_object(oid):
+                return False
+            blob = db.execute("SELECT size FROM blobs WHERE blob_id = ?", (oid,)).fetchone()
+            if blob is not None:
+                self._check_blob_root(oid, sealed, kind, int(blob[0]))
+            elif kind is ObjectKind.MANIFEST or not self._is_wanted_chunk(oid, len(sealed)):
+                raise BadFrame(f"object {oid.hex()[:16]} is not part of any blob we want")
+            self._store_object(oid, sealed, kind)
+            self._refresh_completeness(oid)
+        return True
+
+    def _check_blob_root(self, oid: bytes, sealed: bytes, kind: ObjectKind, size: int) -> None:
+        """The object named by an entry's blob id: one chunk, or a manifest."""
+        if kind is ObjectKind.CHUNK:
+            if size > defaults.CHUNK_SIZE or len(sealed) - OVERHEAD != size:
+                raise BadFrame("chunk size does not match the entry's blob size")
+            self._db.execute(
+                "UPDATE blobs SET chunk_count = 1 WHERE blob_id = ? AND chunk_count IS NULL",
+                (oid,),
+            )
+            return
+        manifest = decode_manifest_untrusted(
+            open_sealed_object(self.keyring, sealed, ObjectKind.MANIFEST)
+        )
+        if manifest.total_size != size:
+            raise BadFrame("manifest total does not match the entry's blob size")
+        self._record_manifest(oid, manifest)
+
+    def _record_manifest(self, blob_id: bytes, manifest: Manifest) -> None:
+        self._db.executemany(
+            "INSERT OR IGNORE INTO blob_chunks VALUES (?, ?, ?, ?)",
+            [(blob_id, i, c.chunk_id, c.size) for i, c in enumerate(manifest.chunks)],
+        )
+        self._db.execute(
+            "UPDATE blobs SET chunk_count = ? WHERE blob_id = ?", (len(manifest.chunks), blob_id)
+        )
+
+    def _is_wanted_chunk(self, oid: bytes, sealed_size: int) -> bool:
+        row = self._db.execute(
+            "SELECT size FROM blob_chunks WHERE chunk_id = ? LIMIT 1", (oid,)
+        ).fetchone()
+        return row is not None and int(row[0]) + OVERHEAD == sealed_size
+
+    def _refresh_completeness(self, oid: bytes) -> None:
+        self._db.execute(
+            """
+            UPDATE blobs SET complete = 1
+            WHERE (blob_id = ? OR blob_id IN (SELECT blob_id FROM blob_chunks WHERE chunk_id = ?))
+              AND chunk_count IS NOT NULL
+              AND blob_id IN (SELECT object_id FROM objects)
+              AND (chunk_count = 1 AND NOT EXISTS
+                      (SELECT 1 FROM blob_chunks bc WHERE bc.blob_id = blobs.blob_id)
+                   OR chunk_count = (SELECT COUNT(*) FROM blob_chunks bc
+                                     JOIN objects o ON o.object_id = bc.chunk_id
+                                     WHERE bc.blob_id = blobs.blob_id))
+            """,
+            (oid, oid),
+        )
+
+    def missing_objects(self, blob_id: bytes) -> list[bytes]:
+        """Object ids still needed to complete ``blob_id`` (root first)."""
+        row = self._db.execute(
+            "SELECT chunk_count, complete FROM blobs WHERE blob_id = ?", (blob_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no entry names blob {blob_id.hex()[:16]}")
+        if row[1]:
+            return []
+        if not self.has_object(blob_id):
+            return [blob_id]
+        missing = self._db.execute(
+            "SELECT chunk_id FROM blob_chunks WHERE blob_id = ? AND chunk_id NOT IN "
+            "(SELECT object_id FROM objects) ORDER BY idx",
+            (blob_id,),
+        ).fetchall()
+        return [bytes(r[0]) for r in missing]
+
+    def wanted_blobs(self) -> list[bytes]:
+        """Blobs of live heads that are not complete: what sync should fetch."""
+        rows = self._db.execute(
+            "SELECT e.blob FROM heads h JOIN entries e ON e.cursor = h.cursor "
+            "JOIN blobs b ON b.blob_id = e.blob WHERE e.kind = ? AND b.complete = 0",
+            (int(Kind.PUT),),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def blob_progress(self, blob_id: bytes) -> tuple[int, int]:
+        """(objects present, objects needed) for a blob; (0, 0) if unknown."""
+        row = self._db.execute(
+            "SELECT chunk_count, complete FROM blobs WHERE blob_id = ?", (blob_id,)
+        ).fetchone()
+        if row is None:
+            return (0, 0)
+        if row[1]:
+            count = int(row[0] or 1)
+            return (count, count)
+        total = int(row[0]) if row[0] is not None else 1
+        return (total - len(self.missing_objects(blob_id)), total)
+
+    # --- blobs ----------------------------------------------------------------
+
+    def put_blob(
+        self, reader: Readable, *, progress: Callable[[int], None] | None = None
+    ) -> tuple[bytes, int]:
+        """Seal and store a stream; return ``(blob_id, size)``.
+
+        Holds one chunk of plaintext and one of ciphertext in memory at a time.
+        """
+        keys = self.keys
+        refs: list[ChunkRef] = []
+        total = 0
+        while True:
+            plaintext = _read_chunk(reader)
+            filled = len(plaintext)
+            if filled == 0 and refs:
+                break
+            if len(refs) >= defaults.MAX_BLOB_CHUNKS:
+                raise LocalProtocolError(
+                    f"file is larger than the largest blob "
+                    f"({defaults.MAX_BLOB_CHUNKS * defaults.CHUNK_SIZE} bytes)"
+                )
+            sealed = seal(keys, ObjectKind.CHUNK, plaintext)
+            oid = object_id(sealed)
+            with self._write():
+                self._store_object(oid, sealed, ObjectKind.CHUNK)
+            refs.append(ChunkRef(oid, filled))
+            total += filled
+            if progress is not None:
+                progress(total)
+            if filled < defaults.CHUNK_SIZE:
+                break
+        with self._write() as db:
+            manifest = Manifest(total, tuple(refs)) if len(refs) > 1 else None
+            if manifest is None:
+                blob_id = refs[0].chunk_id
+            else:
+                sealed_manifest = seal(keys, ObjectKind.MANIFEST, manifest.encode())
+                blob_id = object_id(sealed_manifest)
+                self._store_object(blob_id, sealed_manifest, ObjectKind.MANIFEST)
+            db.execute(
+                "INSERT INTO blobs VALUES (?, ?, ?, 1) ON CONFLICT (blob_id) "
+                "DO UPDATE SET complete = 1, chunk_count = excluded.chunk_count",
+                (blob_id, total, len(refs)),
+            )
+            if manifest is not None:
+                self._record_manifest(blob_id, manifest)
+        return blob_id, total
+
+    def iter_blob(self, blob_id: bytes) -> Iterator[bytes]:
+        """Yield the plaintext of a complete blob chunk by chunk, verifying each."""
+        row = self._db.execute(
+            "SELECT size, complete FROM blobs WHERE blob_id = ?", (blob_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"blob {blob_id.hex()[:16]} is not known here")
+        if not row[1]:
+            done, needed = self.blob_progress(blob_id)
+            raise BlobPending(
+                f"blob {blob_id.hex()[:16]} is still syncing ({done} of {needed} parts here)"
+            )
+        size = int(row[0])
+        root = self.read_object(blob_id)
+        kind, _ = read_header_untrusted(root)
+        if kind is ObjectKind.CHUNK:
+            yield open_sealed_object(self.keyring, root, ObjectKind.CHUNK)
+            return
+        manifest = decode_manifest_untrusted(
+            open_sealed_object(self.keyring, root, ObjectKind.MANIFEST)
+        )
+        if manifest.total_size != size:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]}: manifest size mismatch")
+        for index, ref in enumerate(manifest.chunks):
+            try:
+                sealed = self.read_object(ref.chunk_id)
+            except (CorruptObject, NotFound) as exc:
+                raise CorruptObject(
+                    ref.chunk_id,
+                    f"blob {blob_id.hex()[:16]} chunk {index + 1} of {len(manifest.chunks)}: "
+                    f"{exc}; it will be fetched again from a peer",
+                ) from exc
+            plaintext = open_sealed_object(self.keyring, sealed, ObjectKind.CHUNK)
+            if len(plaintext) != ref.size:
+                raise IntegrityError(f"blob {blob_id.hex()[:16]} chunk {index + 1}: size mismatch")
+            yield plaintext
+
+    # --- entries --------------------------------------------------------------
+
+    def _last_entry(self, author: NodeId) -> Entry | None:
+        row = self._db.execute(
+            "SELECT raw FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1", (author.raw,)
+        ).fetchone()
+        return None if row is None else decode_entry_untrusted(bytes(row[0]))
+
+    def append(
+        self,
+        kind: Kind,
+        meta: Meta,
+        *,
+        now_ms: int,
+        blob: bytes = b"",
+        size: int = 0,
+    ) -> StoredEntry:
+        """Sign and store the next entry of this device's own feed."""
+        keys = self.keys
+        sealed_meta = seal_meta(keys, meta, self._random_bytes)
+        with self._write():
+            last = self._last_entry(self.identity.node_id)
+            self._clock.observe(self._max_hlc())
+            entry = sign_entry(
+                self.identity,
+                group_id=keys.group_id,
+                seq=1 if last is None else last.seq + 1,
+                prev=b"" if last is None else last.entry_id,
+                hlc=self._clock.tick(now_ms),
+                kind=kind,
+                blob=blob,
+                size=size,
+                meta=sealed_meta,
+            )
+            cursor = self._insert_verified(entry, meta)
+        return StoredEntry(cursor, entry, meta, True)
+
+    def insert_entries(self, raws: Iterable[bytes], *, now_ms: int) -> InsertResult:
+        """Verify and store entries received from peers, in one transaction.
+
+        Entries are checked in order, so a batch may carry consecutive entries
+        of one author. Duplicates are counted, not errors; a rejected entry
+        does not stop the batch (its reason is returned and logged).
+        """
+        accepted: list[Entry] = []
+        rejected: list[tuple[bytes, str]] = []
+        duplicates = 0
+        group_id = self.keys.group_id
+        with self._write() as db:
+            for raw in raws:
+                try:
+                    entry = decode_entry_untrusted(raw)
+                    known = db.execute(
+                        "SELECT entry_id FROM entries WHERE author = ? AND seq = ?",
+                        (entry.author.raw, entry.seq),
+                    ).fetchone()
+                    if known is not None:
+                        if bytes(known[0]) == entry.entry_id:
+                            duplicates += 1
+                            continue
+                        raise EntryRejected(
+                            "fork", f"{entry.author.short()}#{entry.seq} differs from ours"
+                        )
+                    verify_entry(
+                        entry,
+                        group_id=group_id,
+                        previous=self._last_entry(entry.author),
+                        now_ms=now_ms,
+                    )
+                    try:
+                        meta = open_meta(self.keyring, entry.meta)
+                    except (BadFrame, IntegrityError) as exc:
+                        raise EntryRejected("bad-meta", str(exc)) from exc
+                    self._insert_verified(entry, meta)
+                    self._clock.observe(entry.hlc)
+                    accepted.append(entry)
+                except EntryRejected as exc:
+                    rejected.append((raw[:16], exc.reason))
+                    log.warning("rejected entry: %s", exc)
+                except BadFrame as exc:
+                    rejected.append((raw[:16], "malformed"))
+                    log.warning("rejected malformed entry: %s", exc)
+        return InsertResult(accepted, duplicates, rejected)
+
+    def _insert_verified(self, entry: Entry, meta: Meta) -> int:
+        keys = self.keys
+        khash = key_hash(keys, meta.key) if entry.kind in (Kind.PUT, Kind.DELETE) else None
+        cursor = self._db.execute(
+            "INSERT INTO entries (entry_id, author, seq, hlc, kind, blob, size, key_hash, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.entry_id,
+                entry.author.raw,
+                entry.seq,
+                entry.hlc,
+                int(entry.kind),
+                entry.blob or None,
+                entry.size,
+                khash,
+                entry.encode(),
+            ),
+        ).lastrowid
+        assert cursor is not None  # sqlite always sets it after INSERT
+        if entry.kind is Kind.PUT:
+            self._db.execute(
+                "INSERT OR IGNORE INTO blobs (blob_id, size, chunk_count, complete) "
+                "VALUES (?, ?, NULL, 0)",
+                (entry.blob, entry.size),
+            )
+        if khash is not None:
+            head = self._db.execute(
+                "SELECT e.hlc, e.author FROM heads h JOIN entries e ON e.cursor = h.cursor "
+                "WHERE h.key_hash = ?",
+                (khash,),
+            ).fetchone()
+            if head is None or (entry.hlc, entry.author.raw) > (int(head[0]), bytes(head[1])):
+                self._db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?)", (khash, cursor))
+        return cursor
+
+    def _stored(self, row: Any) -> StoredEntry:
+        cursor, raw, complete = row
+        entry = decode_entry_untrusted(bytes(raw))
+        try:
+            meta: Meta | None = open_meta(self.keyring, entry.meta)
+        except (BadFrame, IntegrityError):
+            meta = None
+        is_complete = entry.kind is not Kind.PUT or bool(complete)
+        return StoredEntry(int(cursor), entry, meta, is_complete)
+
+    _SELECT = (
+        "SELECT e.cursor, e.raw, COALESCE(b.complete, 1) FROM entries e "
+        "LEFT JOIN blobs b ON b.blob_id = e.blob "
+    )
+
+    def head(self, key: str) -> StoredEntry | None:
+        """The winning entry for ``key`` (a PUT, or a DELETE tombstone)."""
+        row = self._db.execute(
+            self._SELECT + "JOIN heads h ON h.cursor = e.cursor WHERE h.key_hash = ?",
+            (key_hash(self.keys, key),),
+        ).fetchone()
+        return None if row is None else self._stored(row)
+
+    def live(self) -> list[StoredEntry]:
+        """Current value of every key that is not deleted, sorted by key."""
+        rows = self._db.execute(
+            self._SELECT + "JOIN heads h ON h.cursor = e.cursor WHERE e.kind = ?",
+            (int(Kind.PUT),),
+        ).fetchall()
+        stored = [self._stored(r) for r in rows]
+        return sorted(stored, key=lambda s: s.key or "")
+
+    def pull(self, after: int = 0, limit: int = 1000) -> tuple[list[StoredEntry], int]:
+        """Entries in local arrival order after ``after``; returns the next cursor."""
+        rows = self._db.execute(
+            self._SELECT + "WHERE e.cursor > ? ORDER BY e.cursor LIMIT ?", (after, limit)
+        ).fetchall()
+        stored = [self._stored(r) for r in rows]
+        return stored, (stored[-1].cursor if stored else after)
+
+    def frontier(self) -> dict[NodeId, int]:
+        """``{author: highest contiguous seq}`` (contiguous by construction)."""
+        rows = self._db.execute("SELECT author, MAX(seq) FROM entries GROUP BY author").fetchall()
+        return {NodeId(bytes(a)): int(s) for a, s in rows}
+
+    def entries_after(self, author: NodeId, seq: int, limit: int) -> list[bytes]:
+        """Raw entries of ``author`` with seq > ``seq``, in order (for a peer)."""
+        rows = self._db.execute(
+            "SELECT raw FROM entries WHERE author = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (author.raw, seq, limit),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def members(self) -> list[StoredEntry]:
+        rows = self._db.execute(
+            self._SELECT + "WHERE e.kind = ? ORDER BY e.cursor", (int(Kind.MEMBER),)
+        ).fetchall()
+        return [self._stored(r) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        def scalar(sql: str) -> int:
+            return int(self._db.execute(sql).fetchone()[0])
+
+        return {
+            "entries": scalar("SELECT COUNT(*) FROM entries"),
+            "keys": scalar(
+                f"SELECT COUNT(*) FROM heads h JOIN entries e ON e.cursor = h.cursor "
+                f"WHERE e.kind = {int(Kind.PUT)}"
+            ),
+            "objects": scalar("SELECT COUNT(*) FROM objects"),
+            "object_bytes": scalar("SELECT COALESCE(SUM(size), 0) FROM objects"),
+            "pending_blobs": len(self.wanted_blobs()),
+        }
+
+    # --- garbage collection -----------------------------------------------------
+
+    def gc(self) -> GcResult:
+        """Delete objects that no live entry references, and stray files."""
+        with self._write() as db:
+            live = {
+                bytes(r[0])
+                for r in db.execute(
+                    "SELECT e.blob FROM heads h JOIN entries e ON e.cursor = h.cursor "
+                    "WHERE e.kind = ?",
+                    (int(Kind.PUT),),
+                )
+            }
+            keep = set(live)
+            for blob_id in live:
+                keep.update(
+                    bytes(r[0])
+                    for r in db.execute(
+                        "SELECT chunk_id FROM blob_chunks WHERE blob_id = ?", (blob_id,)
+                    )
+                )
+            doomed = [
+                (bytes(r[0]), int(r[1]))
+                for r in db.execute("SELECT object_id, size FROM objects")
+                if bytes(r[0]) not in keep
+            ]
+            db.executemany("DELETE FROM objects WHERE object_id = ?", [(o,) for o, _ in doomed])
+            dead_blobs = [
+                (bytes(r[0]),)
+                for r in db.execute("SELECT blob_id FROM blobs")
+                if bytes(r[0]) not in live
+            ]
+            db.executemany("DELETE FROM blob_chunks WHERE blob_id = ?", dead_blobs)
+            db.executemany("DELETE FROM blobs WHERE blob_id = ?", dead_blobs)
+        removed = 0
+        freed = 0
+        for oid, size in doomed:
+            self.files.remove(oid)
+            removed += 1
+            freed += size
+        for oid in self.files.iter_ids():  # files whose row never committed
+            if oid not in keep and not self.has_object(oid):
+                self.files.remove(oid)
+                removed += 1
+        self.files.clean_temp()
+        return GcResult(removed, freed)
+
+
+class Readable(Protocol):
+    """A binary file or stream (files, ``sys.stdin.buffer``, ``io.BytesIO``)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _read_chunk(reader: Readable) -> bytes:
+    """Read one full chunk unless the stream ends first (pipes return short reads)."""
+    first = reader.read(defaults.CHUNK_SIZE)
+    if len(first) == defaults.CHUNK_SIZE or not first:
+        return first
+    parts = [first]
+    filled = len(first)
+    while filled < defaults.CHUNK_SIZE:
+        more = reader.read(defaults.CHUNK_SIZE - filled)
+        if not more:
+            break
+        parts.append(more)
+        filled += len(more)
+    return b"".join(parts)
