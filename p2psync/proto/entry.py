@@ -190,14 +190,22 @@ def check_entry_shape(entry: Entry) -> None:
         raise BadFrame(f"a {entry.kind.name} entry carries no blob")
 
 
+@dataclass(frozen=True, slots=True)
+class FeedTip:
+    """The last entry of an author's feed that a device holds."""
+
+    seq: int
+    entry_id: bytes
+
+
 def verify_entry(
     entry: Entry,
     *,
     group_id: bytes,
-    previous: Entry | None,
+    previous: FeedTip | None,
     now_ms: int,
 ) -> None:
-    """Check ``entry`` may extend its author's feed whose last entry is ``previous``.
+    """Check ``entry`` may extend its author's feed whose tip is ``previous``.
 
     Raises :class:`EntryRejected` with one of the reasons ``wrong-group``,
     ``bad-signature``, ``seq-gap``, ``prev-mismatch``, ``clock-skew``.

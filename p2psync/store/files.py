@@ -54,8 +54,12 @@ class ObjectFiles:
     def exists(self, oid: bytes) -> bool:
         return self.path(oid).is_file()
 
-    def write(self, oid: bytes, sealed: bytes | memoryview) -> None:
-        """Durably store ``sealed`` under ``oid`` (the caller computed the id)."""
+    def write(self, oid: bytes, sealed: bytes | memoryview, *, sync_dir: bool = True) -> None:
+        """Durably store ``sealed`` under ``oid`` (the caller computed the id).
+
+        With ``sync_dir=False`` the caller must call :meth:`sync_dirs` before
+        it relies on the object (batching one directory fsync per fan-out).
+        """
         target = self.path(oid)
         target.parent.mkdir(mode=0o700, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=oid.hex()[:16] + ".", dir=self.tmp_dir)
@@ -68,7 +72,13 @@ class ObjectFiles:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        if sync_dir:
+            _fsync_dir(target.parent)
+
+    def sync_dirs(self, oids: set[bytes]) -> None:
+        """fsync the fan-out directories of ``oids``, once each."""
+        for directory in {self.path(oid).parent for oid in oids}:
+            _fsync_dir(directory)
 
     def read_verified(self, oid: bytes) -> bytes:
         """The object's bytes, checked against its id; quarantines on mismatch."""

@@ -48,6 +48,7 @@ from p2psync.errors import BadFrame, ConfigError, IntegrityError, LocalProtocolE
 from p2psync.proto.entry import (
     Entry,
     EntryRejected,
+    FeedTip,
     HybridClock,
     Kind,
     decode_entry_untrusted,
@@ -360,7 +361,10 @@ class Store:
         return [bytes(r[0]) for r in rows]
 
     def blob_progress(self, blob_id: bytes) -> tuple[int, int]:
-        """(objects present, objects needed) for a blob; (0, 0) if unknown."""
+        """(chunks present, chunks needed) for a blob; (0, 0) if unknown.
+
+        Until the manifest of a multi-chunk blob arrives the count is (0, 1).
+        """
         row = self._db.execute(
             "SELECT chunk_count, complete FROM blobs WHERE blob_id = ?", (blob_id,)
         ).fetchone()
@@ -396,15 +400,23 @@ class Store:
                 )
             sealed = seal(keys, ObjectKind.CHUNK, plaintext)
             oid = object_id(sealed)
-            with self._write():
-                self._store_object(oid, sealed, ObjectKind.CHUNK)
+            if not self.files.exists(oid):
+                self.files.write(oid, sealed, sync_dir=False)
             refs.append(ChunkRef(oid, filled))
             total += filled
             if progress is not None:
                 progress(total)
             if filled < defaults.CHUNK_SIZE:
                 break
+        # Files are fsynced one by one; their directories once each, then one
+        # transaction records them all (a crash before it leaves stray files
+        # that gc() removes).
+        self.files.sync_dirs({ref.chunk_id for ref in refs})
         with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?)",
+                [(ref.chunk_id, int(ObjectKind.CHUNK), ref.size + OVERHEAD) for ref in refs],
+            )
             manifest = Manifest(total, tuple(refs)) if len(refs) > 1 else None
             if manifest is None:
                 blob_id = refs[0].chunk_id
@@ -460,11 +472,12 @@ class Store:
 
     # --- entries --------------------------------------------------------------
 
-    def _last_entry(self, author: NodeId) -> Entry | None:
+    def _feed_tip(self, author: NodeId) -> FeedTip | None:
         row = self._db.execute(
-            "SELECT raw FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1", (author.raw,)
+            "SELECT seq, entry_id FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1",
+            (author.raw,),
         ).fetchone()
-        return None if row is None else decode_entry_untrusted(bytes(row[0]))
+        return None if row is None else FeedTip(int(row[0]), bytes(row[1]))
 
     def append(
         self,
@@ -479,7 +492,7 @@ class Store:
         keys = self.keys
         sealed_meta = seal_meta(keys, meta, self._random_bytes)
         with self._write():
-            last = self._last_entry(self.identity.node_id)
+            last = self._feed_tip(self.identity.node_id)
             self._clock.observe(self._max_hlc())
             entry = sign_entry(
                 self.identity,
@@ -524,7 +537,7 @@ class Store:
                     verify_entry(
                         entry,
                         group_id=group_id,
-                        previous=self._last_entry(entry.author),
+                        previous=self._feed_tip(entry.author),
                         now_ms=now_ms,
                     )
                     try:
