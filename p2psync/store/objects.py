@@ -183,6 +183,8 @@ def decode_manifest_untrusted(data: bytes) -> Manifest:
 # --- metadata ---------------------------------------------------------------
 
 AppValue = str | int | bytes | bool | None
+_MAX_CONTENT_TYPE = 256
+_MAX_NAME = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +195,17 @@ class Meta:
     content_type: str | None = None
     name: str | None = None
     app: Mapping[str, AppValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The same bounds the receiving side enforces, so we never sign
+        # something our peers will refuse.
+        for name, value, limit in (
+            ("key", self.key, defaults.MAX_KEY_LENGTH),
+            ("content type", self.content_type, _MAX_CONTENT_TYPE),
+            ("name", self.name, _MAX_NAME),
+        ):
+            if value is not None and len(value) > limit:
+                raise BadFrame(f"the {name} is {len(value)} characters; the limit is {limit}")
 
     def encode(self) -> bytes:
         data = pack([self.key, self.content_type, self.name, dict(self.app)])
@@ -218,8 +231,8 @@ def decode_meta_untrusted(data: bytes) -> Meta:
         app[name] = item
     return Meta(
         key=as_str(items[0], "meta.key", max_size=defaults.MAX_KEY_LENGTH),
-        content_type=as_optional_str(items[1], "meta.content_type", max_size=256),
-        name=as_optional_str(items[2], "meta.name", max_size=1024),
+        content_type=as_optional_str(items[1], "meta.content_type", max_size=_MAX_CONTENT_TYPE),
+        name=as_optional_str(items[2], "meta.name", max_size=_MAX_NAME),
         app=app,
     )
 
