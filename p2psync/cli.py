@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mimetypes
 import os
 import sys
 import time
@@ -21,20 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from p2psync import __version__
+from p2psync import __version__, ops
 from p2psync.crypto.group import group_id_text
-from p2psync.errors import NotFound, P2PSyncError
+from p2psync.errors import P2PSyncError
 from p2psync.home import Home, default_home
 from p2psync.proto.entry import Kind, hlc_to_ms
-from p2psync.store import Meta, Store, StoredEntry
+from p2psync.store import Meta
 
 
 class UserError(P2PSyncError):
     """A mistake in what the user asked for."""
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -58,24 +53,6 @@ def _human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def _entry_json(stored: StoredEntry) -> dict[str, Any]:
-    entry = stored.entry
-    meta = stored.meta
-    return {
-        "key": stored.key,
-        "kind": entry.kind.name.lower(),
-        "blob": entry.blob.hex() or None,
-        "size": entry.size,
-        "status": "ok" if stored.complete else "pending",
-        "author": str(entry.author),
-        "seq": entry.seq,
-        "time_ms": hlc_to_ms(entry.hlc),
-        "content_type": meta.content_type if meta else None,
-        "name": meta.name if meta else None,
-        "cursor": stored.cursor,
-    }
 
 
 # --- commands ------------------------------------------------------------------
@@ -103,7 +80,7 @@ def cmd_group_create(args: argparse.Namespace) -> int:
             Kind.MEMBER,
             Meta(key="", content_type="device", name=name,
                  app={"node_id": str(store.identity.node_id)}),
-            now_ms=_now_ms(),
+            now_ms=ops.now_ms(),
         )  # fmt: skip
     _emit(args, {"group_id": gid, "epoch": secret.epoch}, f"created group {gid}")
     return 0
@@ -126,81 +103,49 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     home = _home(args)
-    if args.path == "-":
-        if not args.key:
-            raise UserError("reading from stdin needs --key KEY")
-        key, name = args.key, None
-        source = sys.stdin.buffer
-        content_type = None
-    else:
-        path = Path(args.path)
-        if not path.is_file():
-            raise UserError(f"{path} is not a readable file")
-        key, name = args.key or path.name, path.name
-        content_type = mimetypes.guess_type(path.name)[0]
-        source = path.open("rb")
-    with home.open_store() as store, source:
-        blob_id, size = store.put_blob(source)
-        stored = store.append(
-            Kind.PUT,
-            Meta(key=key, content_type=content_type, name=name),
-            now_ms=_now_ms(),
-            blob=blob_id,
-            size=size,
-        )
-    _emit(args, _entry_json(stored), f"put {key} ({_human_size(size)}) blob {blob_id.hex()[:16]}")
+    if args.path != "-" and not Path(args.path).is_file():
+        raise UserError(f"{args.path} is not a readable file")
+    with home.open_store() as store:
+        if args.path == "-":
+            if not args.key:
+                raise UserError("reading from stdin needs --key KEY")
+            stored = ops.put_stream(store, sys.stdin.buffer, key=args.key)
+        else:
+            stored = ops.put_path(store, Path(args.path), key=args.key)
+    size = stored.entry.size
+    _emit(
+        args,
+        ops.entry_json(stored),
+        f"put {stored.key} ({_human_size(size)}) blob {stored.entry.blob.hex()[:16]}",
+    )
     return 0
-
-
-def _resolve(store: Store, target: str) -> tuple[bytes, str]:
-    head = store.head(target)
-    if head is not None and head.entry.kind is Kind.PUT:
-        return head.entry.blob, target
-    if head is not None:
-        raise NotFound(f"{target} was deleted")
-    if len(target) == 64:
-        try:
-            return bytes.fromhex(target), target
-        except ValueError:
-            pass
-    raise NotFound(f"no key or blob named {target!r} (see `p2psync ls`)")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     home = _home(args)
     with home.open_store() as store:
-        blob_id, _ = _resolve(store, args.target)
         if args.output in (None, "-"):
             out = sys.stdout.buffer
-            for chunk in store.iter_blob(blob_id):
+            for chunk in store.iter_blob(ops.resolve_blob(store, args.target)):
                 out.write(chunk)
             out.flush()
             return 0
         target = Path(args.output)
-        tmp = target.with_name(f".{target.name}.p2psync-tmp")
-        written = 0
-        try:
-            with tmp.open("wb") as handle:
-                for chunk in store.iter_blob(blob_id):
-                    handle.write(chunk)
-                    written += len(chunk)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    if not args.json:
-        print(f"wrote {target} ({_human_size(written)})", file=sys.stderr)
-    else:
+        written = ops.get_to_path(store, args.target, target)
+    if args.json:
         _emit(args, {"path": str(target), "size": written}, "")
+    else:
+        print(f"wrote {target} ({_human_size(written)})", file=sys.stderr)
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     home = _home(args)
     with home.open_store() as store:
-        rows = store.live()
         if args.json:
-            _emit(args, [_entry_json(r) for r in rows], "")
+            _emit(args, ops.list_live(store), "")
             return 0
+        rows = store.live()
         if not rows:
             print("(empty)")
             return 0
@@ -223,16 +168,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     home = _home(args)
     with home.open_store() as store:
-        head = store.head(args.key)
-        if head is None or head.entry.kind is not Kind.PUT:
-            raise NotFound(f"no key named {args.key!r} (see `p2psync ls`)")
-        stored = store.append(Kind.DELETE, Meta(key=args.key), now_ms=_now_ms())
-        freed = store.gc()
-    _emit(
-        args,
-        {**_entry_json(stored), "objects_removed": freed.objects_removed},
-        f"removed {args.key}",
-    )
+        stored, freed = ops.remove(store, args.key)
+    _emit(args, {**ops.entry_json(stored), "objects_removed": freed}, f"removed {args.key}")
     return 0
 
 

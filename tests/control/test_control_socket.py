@@ -1,0 +1,157 @@
+"""Control socket over a real Unix socket: replies, errors, bounds, permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+
+from p2psync.control.client import ControlClient, DaemonError, connect_if_running
+from p2psync.control.protocol import MAX_LINE, SOCKET_NAME, JsonObject
+from p2psync.control.server import ControlServer, EmitEvent
+from p2psync.errors import ConfigError, NotFound
+
+
+async def echo(params: JsonObject) -> Any:
+    return {"echo": params}
+
+
+async def missing(params: JsonObject) -> Any:
+    raise NotFound("no key named 'x'")
+
+
+async def ticks(params: JsonObject, emit: EmitEvent) -> None:
+    for i in range(int(params.get("count", 3))):
+        await emit({"type": "tick", "n": i})
+        await trio.lowlevel.checkpoint()
+
+
+def server() -> ControlServer:
+    return ControlServer({"echo": echo, "missing": missing}, {"ticks": ticks})
+
+
+def raw_exchange(path: Path, payload: bytes, replies: int) -> list[JsonObject]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        reader = sock.makefile("rb")
+        return [json.loads(reader.readline()) for _ in range(replies)]
+
+
+async def test_requests_errors_and_streams(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+            assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+            def client_side() -> tuple[Any, ...]:
+                client = connect_if_running(tmp_path)
+                assert client is not None
+                with client:
+                    result = client.call("echo", {"a": 1})
+                    with pytest.raises(NotFound, match="no key"):
+                        client.call("missing")
+                    with pytest.raises(DaemonError) as unknown:
+                        client.call("nope")
+                    events = list(client.stream("ticks", {"count": 2}))
+                    return result, unknown.value.code, events
+
+            result, unknown_code, events = await trio.to_thread.run_sync(client_side)
+            assert result == {"echo": {"a": 1}}
+            assert unknown_code == "unknown-method"
+            assert [e["n"] for e in events] == [0, 1]
+            nursery.cancel_scope.cancel()
+    assert not path.exists()  # removed on shutdown
+
+
+async def test_malformed_lines_get_errors_and_the_connection_survives(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+            payload = (
+                b"{not json\n"
+                b"[1, 2]\n"
+                b'{"id": 5, "method": 7}\n'
+                b'{"id": 6, "method": "echo", "params": "x"}\n'
+                b"\xff\xfe\n"
+                b'{"id": 9, "method": "echo", "params": {"ok": true}}\n'
+            )
+            replies = await trio.to_thread.run_sync(raw_exchange, path, payload, 6)
+            codes = [r.get("error", {}).get("code") for r in replies[:5]]
+            assert codes == ["bad-request"] * 5
+            assert replies[2]["id"] == 5
+            assert replies[5] == {"id": 9, "result": {"echo": {"ok": True}}}
+            nursery.cancel_scope.cancel()
+
+
+async def test_oversized_line_is_refused_and_daemon_keeps_serving(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+
+            def flood() -> JsonObject:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(path))
+                    try:
+                        sock.sendall(b"x" * (MAX_LINE + 70_000))
+                    except OSError:
+                        pass  # the daemon may close while we still send
+                    line: JsonObject = json.loads(sock.makefile("rb").readline())
+                    return line
+
+            reply = await trio.to_thread.run_sync(flood)
+            assert reply["error"]["code"] == "too-large"
+            again = await trio.to_thread.run_sync(
+                raw_exchange, path, b'{"id": 1, "method": "echo"}\n', 1
+            )
+            assert again[0]["result"] == {"echo": {}}
+            nursery.cancel_scope.cancel()
+
+
+async def test_client_leaving_mid_stream_does_not_hurt_the_daemon(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+
+            def leave_early() -> None:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.connect(str(path))
+                    sock.sendall(b'{"id": 1, "method": "ticks", "params": {"count": 100000}}\n')
+                    sock.recv(100)
+
+            await trio.to_thread.run_sync(leave_early)
+            reply = await trio.to_thread.run_sync(
+                raw_exchange, path, b'{"id": 2, "method": "echo"}\n', 1
+            )
+            assert reply[0]["id"] == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # a daemon that died left its socket file
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+            with pytest.raises(ConfigError, match="already running"):
+                await ControlServer({}).serve(path)
+            nursery.cancel_scope.cancel()
+
+
+def test_no_daemon_means_no_client(tmp_path: Path) -> None:
+    assert connect_if_running(tmp_path) is None
+    assert isinstance(ControlClient, type)
