@@ -1,0 +1,21 @@
+"""relayd: the rendezvous, reflexive-address and fallback relay daemon of p2psync.
+
+Nodes that cannot reach each other directly meet here. relayd
+
+- answers STUN Binding requests (RFC 8489) on its UDP port, so a node learns
+  the address its NAT gave it; an optional second port lets a node tell an
+  easy NAT from a hard (symmetric) one;
+- (to come) accepts QUIC connections (ALPN ``p2psync-relay/1``) on the same
+  UDP port, forwards relay frames ``{dst, payload}`` between connected nodes
+  and answers address lookups;
+- serves ``/health`` and Prometheus ``/metrics`` over HTTP on loopback.
+
+Zero knowledge: everything a node sends through relayd is end-to-end
+encrypted between the nodes. relayd sees ciphertext, hashes, sizes, node ids
+and addresses — never keys, never plaintext — and it logs none of the
+payloads it carries. Relays share no state: more users means more relays.
+
+Layout: :mod:`relayd.state` (pure, clock injected), :mod:`relayd.server`
+(the trio shell), :mod:`relayd.config` and :mod:`relayd.defaults` (every
+limit, with its reason), :mod:`relayd.metrics`, :mod:`relayd.cli`.
+"""

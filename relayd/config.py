@@ -1,0 +1,252 @@
+"""relayd's configuration: TOML file, then command-line flags, then a frozen config.
+
+Config flows one way: :func:`load_config_file` (the only function here that
+does I/O) reads TOML into a plain mapping, :func:`config_from_mapping`
+checks every key and type and builds a frozen :class:`RelaydConfig`, and the
+CLI applies its flags with :func:`dataclasses.replace`. Errors are
+:class:`~p2psync.errors.ConfigError` naming the file, the key and what is
+wrong. :func:`config_to_toml` prints the effective config (``relayd
+--print-config``) in the same format the loader reads.
+
+File format (every key optional; defaults in :mod:`relayd.defaults`)::
+
+    listen = "0.0.0.0:3478"        # UDP: QUIC relay and STUN ("[::]:3478" for IPv6)
+    http = "127.0.0.1:9478"        # TCP: /health and /metrics
+    stun_alt_port = 3479           # second STUN port on the listen host (omit: off)
+    data = "/var/lib/relayd"       # state directory (unused until mailboxes land)
+    log_level = "info"
+
+    [limits]
+    max_connections = 10000
+    ...                            # every field of RelaydLimits
+
+Port 0 means "let the OS pick" (tests use it; the bound port is reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from p2psync.errors import ConfigError
+from relayd import defaults as d
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class HostPort(NamedTuple):
+    """A numeric bind address; ``str()`` gives ``host:port`` / ``[v6]:port``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    """Parse ``HOST:PORT`` or ``[V6]:PORT`` with a numeric host; ConfigError if not."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:3478 or [::]:3478)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{text!r}: host must be a numeric IP address") from None
+    return HostPort(str(ip), _parse_port(port_text, text))
+
+
+def _parse_port(port_text: str, whole: str) -> int:
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{whole!r}: port must be a number from 0 to 65535")
+    return int(port_text)
+
+
+_DEFAULT_LISTEN = parse_host_port(d.LISTEN)
+_DEFAULT_HTTP = parse_host_port(d.HTTP_LISTEN)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaydLimits:
+    """Every bound relayd enforces; see :mod:`relayd.defaults` for the why."""
+
+    max_connections: int = d.MAX_CONNECTIONS
+    max_connections_per_ip: int = d.MAX_CONNECTIONS_PER_IP
+    handshake_timeout_s: float = d.HANDSHAKE_TIMEOUT_S
+    idle_timeout_s: float = d.IDLE_TIMEOUT_S
+    write_timeout_s: float = d.WRITE_TIMEOUT_S
+    frames_per_second: int = d.FRAMES_PER_SECOND
+    frame_burst: int = d.FRAME_BURST
+    bytes_per_second: int = d.BYTES_PER_SECOND
+    byte_burst: int = d.BYTE_BURST
+    max_frame_size: int = d.MAX_FRAME_SIZE
+    queue_per_destination: int = d.QUEUE_PER_DESTINATION
+    stun_per_ip_rate: float = d.STUN_PER_IP_RATE
+    stun_per_ip_burst: int = d.STUN_PER_IP_BURST
+    max_tracked_ips: int = d.MAX_TRACKED_IPS
+    http_max_request_bytes: int = d.HTTP_MAX_REQUEST_BYTES
+    http_request_timeout_s: float = d.HTTP_REQUEST_TIMEOUT_S
+    http_max_connections: int = d.HTTP_MAX_CONNECTIONS
+    log_interval_s: float = d.LOG_INTERVAL_S
+    metrics_max_label_sets: int = d.METRICS_MAX_LABEL_SETS
+
+
+@dataclass(frozen=True, slots=True)
+class RelaydConfig:
+    """The effective configuration; constructors take it, nothing mutates it."""
+
+    listen: HostPort = _DEFAULT_LISTEN
+    http: HostPort = _DEFAULT_HTTP
+    stun_alt_port: int | None = d.STUN_ALT_PORT
+    data_dir: str | None = d.DATA_DIR
+    log_level: str = d.LOG_LEVEL
+    limits: RelaydLimits = field(default_factory=RelaydLimits)
+
+
+# --- checking untrusted values ------------------------------------------------
+
+
+def _describe(value: object) -> str:
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string"}.get(
+        type(value), type(value).__name__
+    )
+    return f"{kind} {value!r}"
+
+
+def _want_address(value: object) -> HostPort:
+    if not isinstance(value, str):
+        raise ConfigError(f'expected a string like "0.0.0.0:3478", got {_describe(value)}')
+    return parse_host_port(value)
+
+
+def _want_port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(f"expected a port number 0-65535, got {_describe(value)}")
+    return value
+
+
+def _want_path(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected a directory path string, got {_describe(value)}")
+    return value
+
+
+def _want_level(value: object) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"expected one of {', '.join(LOG_LEVELS)}, got {_describe(value)}")
+    return value.lower()
+
+
+def _want_positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"expected a positive integer, got {_describe(value)}")
+    return value
+
+
+def _want_positive_float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"expected a positive number, got {_describe(value)}")
+    return float(value)
+
+
+# TOML key -> (dataclass field, checker).
+_TOP_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
+    "listen": ("listen", _want_address),
+    "http": ("http", _want_address),
+    "stun_alt_port": ("stun_alt_port", _want_port),
+    "data": ("data_dir", _want_path),
+    "log_level": ("log_level", _want_level),
+}
+_LIMIT_KEYS: dict[str, Callable[[object], Any]] = {
+    f.name: _want_positive_float if f.type in ("float", float) else _want_positive_int
+    for f in dataclasses.fields(RelaydLimits)
+}
+
+
+def _checked(source: str, key: str, check: Callable[[object], Any], value: object) -> Any:
+    try:
+        return check(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: key {key!r}: {exc}") from None
+
+
+def _unknown(source: str, key: str, known: Mapping[str, object]) -> ConfigError:
+    return ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(known)})")
+
+
+def config_from_mapping(data: Mapping[str, object], source: str = "<config>") -> RelaydConfig:
+    """Check a parsed TOML document and build the config; pure, no I/O."""
+    top: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "limits":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key 'limits': expected a [limits] table")
+            for sub, sub_value in value.items():
+                check = _LIMIT_KEYS.get(sub)
+                if check is None:
+                    raise _unknown(source, f"limits.{sub}", _LIMIT_KEYS)
+                limits[sub] = _checked(source, f"limits.{sub}", check, sub_value)
+            continue
+        spec = _TOP_KEYS.get(key)
+        if spec is None:
+            raise _unknown(source, key, {**_TOP_KEYS, "limits": None})
+        name, check = spec
+        top[name] = _checked(source, key, check, value)
+    return RelaydConfig(**top, limits=RelaydLimits(**limits))
+
+
+def load_config_file(path: Path) -> RelaydConfig:
+    """Read and check a TOML config file (the only I/O in this module)."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_mapping(data, str(path))
+
+
+def override_limits(config: RelaydConfig, **changes: object) -> RelaydConfig:
+    """``config`` with some limits replaced, checked like file values."""
+    checked = {
+        key: _checked("<override>", f"limits.{key}", _LIMIT_KEYS[key], value)
+        for key, value in changes.items()
+    }
+    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, **checked))
+
+
+# --- printing -------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def config_to_toml(config: RelaydConfig) -> str:
+    """The effective config as TOML that :func:`config_from_mapping` reads back."""
+    lines = ["# relayd effective configuration"]
+    for key, (name, _check) in _TOP_KEYS.items():
+        value = getattr(config, name)
+        if value is None:
+            lines.append(f"# {key} is not set")
+        elif isinstance(value, HostPort):
+            lines.append(f"{key} = {_toml_value(str(value))}")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[limits]"]
+    for f in dataclasses.fields(RelaydLimits):
+        lines.append(f"{f.name} = {_toml_value(getattr(config.limits, f.name))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""Every default and every limit of relayd, each with one line of why.
+
+:class:`relayd.config.RelaydConfig` takes its defaults from here; nothing else
+spells these numbers. Everything a remote peer can grow (connections, queues,
+rate tables, HTTP requests) has a bound named here.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# --- addresses ------------------------------------------------------------
+# UDP 3478 is STUN's IANA port (RFC 8489 §18.4); QUIC shares it, demultiplexed
+# by the first byte (p2psync.net.stun), so operators open one UDP port.
+LISTEN = "0.0.0.0:3478"
+# HTTP (/health, /metrics) on loopback only: metrics reveal traffic volumes;
+# expose it through a reverse proxy or scrape it locally. Not 3479: that is
+# the conventional STUN alternate port (coturn's listening-port + 1).
+HTTP_LISTEN = "127.0.0.1:9478"
+# The second STUN port is off unless asked for (3479 is the usual choice): a
+# node compares the mappings seen by both ports to tell easy from hard NAT.
+STUN_ALT_PORT: int | None = None
+# No data directory until invite and mailbox blobs exist: relayd keeps no
+# state on disk today, so it must not require a writable path.
+DATA_DIR: str | None = None
+LOG_LEVEL = "info"
+
+# --- connections (QUIC relay; enforced once the relay lands) ---------------
+# A small VPS holds ~10k idle QUIC connections in well under 1 GiB.
+MAX_CONNECTIONS = 10_000
+# A household or office behind one NAT has a handful of devices; CGNAT shares
+# an address among more, so leave room — but one host cannot take the relay.
+MAX_CONNECTIONS_PER_IP = 32
+# A TLS 1.3 handshake takes a few RTTs; 10 s covers lossy mobile links.
+HANDSHAKE_TIMEOUT_S = 10.0
+# Nodes keep-alive every ~25 s (NAT UDP mappings often expire at 30 s), so
+# two missed keep-alives plus slack end a dead connection.
+IDLE_TIMEOUT_S = 60.0
+# A destination that cannot accept a frame for this long loses the frame.
+WRITE_TIMEOUT_S = 5.0
+
+# --- relay frames (per node, token buckets) -------------------------------
+# The relay is a fallback path, not bulk transport: direct paths carry bulk.
+FRAMES_PER_SECOND = 200
+FRAME_BURST = 400
+BYTES_PER_SECOND = 1 * MiB
+BYTE_BURST = 4 * MiB
+# 64 KiB holds any QUIC datagram (<= 1500 on real paths) plus framing, and
+# bounds what one frame can make us buffer.
+MAX_FRAME_SIZE = 64 * KiB
+# Per-destination send queue: a slow receiver costs at most 32 frames
+# (2 MiB worst case), then frames are dropped (the inner QUIC retransmits).
+QUEUE_PER_DESTINATION = 32
+
+# --- STUN ------------------------------------------------------------------
+# A netcheck sends a few requests per port; 10/s sustained with a burst of 20
+# serves any honest client and caps what a spoofed source can reflect.
+STUN_PER_IP_RATE = 10.0
+STUN_PER_IP_BURST = 20
+# Rate state per source IP lives in an LRU table of this many entries
+# (~150 bytes each: ~10 MiB); a spoofing flood evicts, never grows memory.
+MAX_TRACKED_IPS = 65_536
+# One UDP datagram's maximum payload; larger reads would truncate.
+MAX_DATAGRAM = 65_535
+
+# --- HTTP ------------------------------------------------------------------
+# A GET for /health or /metrics with headers is a few hundred bytes.
+HTTP_MAX_REQUEST_BYTES = 8 * KiB
+# A request line and headers take one RTT; a slow client is cut at 5 s.
+HTTP_REQUEST_TIMEOUT_S = 5.0
+# After answering, up to this much unread request is drained before closing,
+# so the kernel does not reset the connection under the response.
+HTTP_MAX_DRAIN_BYTES = 256 * KiB
+# Scrapers and health checks need a few; beyond this, connections are closed.
+HTTP_MAX_CONNECTIONS = 64
+
+# --- observability ---------------------------------------------------------
+# A flood must not turn into a log flood: one line per reason per 10 s, with
+# a count of what was suppressed.
+LOG_INTERVAL_S = 10.0
+# Each metric keeps at most this many label sets; the rest fold into one
+# overflow series, so no peer-chosen value can grow the registry.
+METRICS_MAX_LABEL_SETS = 64
