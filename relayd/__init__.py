@@ -18,4 +18,10 @@ payloads it carries. Relays share no state: more users means more relays.
 Layout: :mod:`relayd.state` (pure, clock injected), :mod:`relayd.server`
 (the trio shell), :mod:`relayd.config` and :mod:`relayd.defaults` (every
 limit, with its reason), :mod:`relayd.metrics`, :mod:`relayd.cli`.
+
+Operating it: ``relayd --config /etc/relayd/relayd.toml`` (start from
+``relayd.example.toml`` beside this file; ``relayd --print-config`` shows
+the effective settings), ``relayd.service`` is a hardened systemd unit.
+Open UDP 3478 (and the STUN alternate port if set); keep the HTTP port on
+loopback or behind a proxy.
 """

@@ -51,7 +51,7 @@ Rules this module keeps
   ICE would have no authentication"). USERNAME, MESSAGE-INTEGRITY(-SHA256),
   REALM, NONCE, USERHASH and ICE's PRIORITY / USE-CANDIDATE are recognised,
   length-checked and ignored rather than answered with 420.
-- CHANGE-REQUEST (RFC 5780 §7.2): relayd cannot answer from another IP, and
+- CHANGE-REQUEST (RFC 5780): relayd cannot answer from another IP, and
   its alternate port is a separate, independent socket. A request with zero
   flags is answered normally; one asking for a change gets 420 naming
   CHANGE-REQUEST (RFC 5780's answer for servers without an alternate
@@ -62,7 +62,7 @@ Rules this module keeps
   is consistent is answered with MAPPED-ADDRESS only (they know no XOR
   address and no FINGERPRINT); everything else without the cookie is not
   treated as STUN. RFC 3489's SOURCE-ADDRESS and CHANGED-ADDRESS are not
-  sent (RFC 8489 §12 lets a server omit them).
+  sent (RFC 8489's backwards-compatibility rules need only MAPPED-ADDRESS).
 - Demultiplexing with QUIC (RFC 9443 / RFC 7983): QUIC packets always have
   the fixed bit 0x40 set (we do not negotiate grease_quic_bit, RFC 9287), so
   a first byte with the top two bits ``00`` is never QUIC.
@@ -110,7 +110,8 @@ BINDING = 0x001
 # Real Binding messages carry fewer than 15 attributes; a cap keeps the
 # decode cost of a hostile 64 KiB datagram (up to 16k empty attributes) flat.
 MAX_ATTRIBUTES = 64
-# RFC 8489 §14.3: USERNAME is at most 513 bytes.
+# USERNAME: RFC 5389 §15.3 allows up to 513 bytes (RFC 8489 §14.3 tightened it
+# to 508); we accept the older, larger bound since we never use the value.
 MAX_USERNAME = 513
 # The response may exceed the request by at most the two address attributes
 # (XOR-MAPPED-ADDRESS and MAPPED-ADDRESS, 4 + 20 bytes each for IPv6).
@@ -121,7 +122,7 @@ _FAMILY_IPV6 = 0x02
 
 
 class Attr(enum.IntEnum):
-    """Attribute types we name (RFC 8489 §18.3, RFC 5780 §7, RFC 8445)."""
+    """Attribute types we name (RFC 8489 §18.3 registry, RFC 5780, RFC 8445)."""
 
     MAPPED_ADDRESS = 0x0001
     RESPONSE_ADDRESS = 0x0002  # RFC 3489, reflection vector: never honoured
@@ -468,7 +469,7 @@ def binding_error(
     fingerprint: bool = False,
     method: int = BINDING,
 ) -> bytes:
-    """<- Error response with ERROR-CODE (§14.8) and UNKNOWN-ATTRIBUTES (§14.9)."""
+    """<- Error response with ERROR-CODE (§14.8) and UNKNOWN-ATTRIBUTES (§14.13)."""
     if not 300 <= code <= 699:
         raise LocalProtocolError(f"STUN error code {code} out of range")
     reason = _REASONS.get(code, "").encode()
@@ -485,7 +486,7 @@ def binding_error(
 
 # --- the responder ------------------------------------------------------------
 
-# Value lengths of the fixed-size attributes a request may carry (§14, RFC 8445 §16).
+# Value lengths of the fixed-size attributes a request may carry (RFC 8489 §14, RFC 8445 §16.1).
 _FIXED_LENGTHS: dict[int, int] = {
     Attr.CHANGE_REQUEST: 4,
     Attr.MESSAGE_INTEGRITY: 20,
@@ -511,7 +512,7 @@ def _request_problem(message: StunMessage) -> tuple[int, tuple[int, ...]] | None
     malformed = False
     for attr in message.attributes:
         if attr.type >= 0x8000:
-            continue  # comprehension-optional: ignore what we don't know (§15)
+            continue  # comprehension-optional: ignore what we don't know (§14)
         if attr.type not in _UNDERSTOOD_IN_REQUEST:
             if attr.type not in unknown:
                 unknown.append(attr.type)
@@ -519,7 +520,7 @@ def _request_problem(message: StunMessage) -> tuple[int, tuple[int, ...]] | None
         if not _length_ok(attr):
             malformed = True
         elif attr.type == Attr.CHANGE_REQUEST and attr.value[3] & 0x06:
-            # RFC 5780 §7.2: we cannot send from another IP or port.
+            # RFC 5780: we cannot send from another IP or port.
             unknown.append(Attr.CHANGE_REQUEST)
     if unknown:
         return 420, tuple(unknown)

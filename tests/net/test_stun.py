@@ -447,3 +447,20 @@ def test_too_many_attributes_rejected() -> None:
 def test_source_must_be_numeric() -> None:
     with pytest.raises(LocalProtocolError):
         answer_binding(_request(), ("localhost", 1))
+
+
+@given(
+    st.binary(max_size=300).map(lambda b: b[: len(b) // 4 * 4]),
+    st.sampled_from([0x0001, 0x0011, 0x0101, 0x0003]),
+    st.booleans(),
+)
+def test_well_framed_random_attributes_are_handled(body: bytes, kind: int, cookie: bool) -> None:
+    # Valid header, random attribute area: reaches the TLV and request checks.
+    middle = MAGIC_COOKIE.to_bytes(4, "big") if cookie else b"\x12\x34\x56\x78"
+    raw = struct.pack("!HH", kind, len(body)) + middle + TXID + body
+    with contextlib.suppress(BadStunMessage):
+        decode_stun_untrusted(raw)
+    reply = answer_binding(raw, ("2001:db8::7", 7))
+    if reply is not None:
+        assert len(reply) <= len(raw) + MAX_RESPONSE_GROWTH
+        assert decode_stun_untrusted(reply).transaction_id in (TXID, middle + TXID)
