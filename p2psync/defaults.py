@@ -49,3 +49,112 @@ ARGON2_MAX_TIME_COST = 20
 # --- tickets and codes ----------------------------------------------------
 # Typed-in codes longer than this are refused before decoding.
 MAX_CODE_LENGTH = 4096
+
+# --- sync -------------------------------------------------------------------
+# Largest control-stream frame: holds one ENTRIES batch with slack, and caps
+# what one length header can make us buffer.
+SYNC_MAX_CONTROL_FRAME = 1 * MiB
+# Largest object-stream frame: a full manifest of MAX_BLOB_CHUNKS is ~2.9 MiB
+# sealed, the biggest object there is; 4 MiB leaves slack for the envelope.
+SYNC_MAX_OBJECT_FRAME = 4 * MiB
+# Entries per ENTRIES/ANNOUNCE message: small batches keep per-message work
+# (one SQLite transaction) short and interleave fairly with other traffic.
+SYNC_MAX_ENTRIES_PER_MESSAGE = 256
+# Bytes of raw entries per message: 512 KiB fits the control frame with room.
+SYNC_MAX_ENTRIES_BYTES = 512 * KiB
+# Authors in a frontier (over all its FRONTIER parts): a group is one user's
+# devices; thousands of authors means a bug or an attack.
+SYNC_MAX_FRONTIER_AUTHORS = 4096
+# Authors per FRONTIER message part (34 + 9 bytes each, ~44 KiB).
+SYNC_FRONTIER_AUTHORS_PER_MESSAGE = 1024
+# HELLO+AUTH must finish in this time, or the peer is stalling us.
+SYNC_HANDSHAKE_TIMEOUT = 10.0
+# Anti-entropy: re-send our frontier this often; repairs what gossip missed
+# at the cost of one small message per peer per interval.
+SYNC_ANTI_ENTROPY_INTERVAL = 30.0
+# After a gap (an announced entry whose predecessor we lack) ask for repair
+# at most this often, so a burst of out-of-order announces sends one FRONTIER.
+SYNC_REPAIR_MIN_INTERVAL = 1.0
+# Objects in flight per peer: 8 x 1 MiB keeps a fast link busy without one
+# peer hogging the connection window (NET_CONNECTION_RECEIVE_WINDOW is 8 MiB).
+SYNC_OBJECT_WINDOW = 8
+# Object ids queued per session ahead of the window (re-read from the store).
+SYNC_WANT_QUEUE = 64
+# Objects a peer said it lacks, remembered per session (cleared each
+# anti-entropy round, when the peer may have fetched them itself).
+SYNC_MAX_UNAVAILABLE = 4096
+# Control bytes produced ahead of the transport: data_to_send() refills up to
+# this, so a large catch-up streams with bounded memory.
+SYNC_SEND_BUFFER = 256 * KiB
+# Entry ids remembered by gossip to drop re-announcements (32 B each).
+SYNC_GOSSIP_SEEN_CACHE = 16384
+# Peer challenges remembered to refuse replayed handshakes (32 B each).
+SYNC_REPLAY_CACHE = 4096
+# Characters of a BYE reason: enough to say what went wrong, not a payload.
+SYNC_MAX_BYE_REASON = 256
+
+# --- net ------------------------------------------------------------------
+# Largest UDP payload we send: 1500-byte Ethernet MTU minus IPv6 (40) and UDP
+# (8) headers; QUIC's own minimum is 1200 (RFC 9000 §14).
+NET_MAX_DATAGRAM_SIZE = 1452
+# QUIC idle timeout: long enough to ride out a short network change, short
+# enough that a vanished peer is noticed (keep-alives refresh it).
+NET_IDLE_TIMEOUT = 30.0
+# Connections per endpoint (both roles): bounds TLS state a flood can create.
+NET_MAX_CONNECTIONS = 256
+# Handshaken connections waiting in accept(); more are refused, not queued.
+NET_ACCEPT_BACKLOG = 32
+# Concurrent peer-opened streams per connection (QUIC MAX_STREAMS) and the
+# accept_stream() queue: bounds per-stream state a peer can make us hold.
+NET_MAX_INCOMING_STREAMS = 64
+# Per-stream receive window: flow-control credit is re-granted only as the
+# application reads, so this bounds unread bytes per stream; 2 MiB covers
+# ~160 Mbit/s at 100 ms RTT.
+NET_STREAM_RECEIVE_WINDOW = 2 * MiB
+# Per-connection receive window over all streams (QUIC MAX_DATA): the real
+# memory bound per peer.
+NET_CONNECTION_RECEIVE_WINDOW = 8 * MiB
+# send_all() blocks while this many bytes of a stream are unacknowledged.
+NET_STREAM_SEND_BUFFER = 1 * MiB
+# Datagrams read per wake-up before the endpoint transmits: bounds latency
+# of outgoing ACKs under a flood.
+NET_RECV_BATCH = 256
+# Kernel socket buffers requested (the kernel may cap them at rmem_max).
+NET_SOCKET_BUFFER = 4 * MiB
+# Disco: pings before the first QUIC packet, their spacing, and the total
+# wait for a pong before QUIC goes ahead anyway and lets its handshake decide.
+DISCO_PING_ATTEMPTS = 3
+DISCO_PING_INTERVAL = 0.2
+DISCO_PONG_WAIT = 1.0
+# Remembered disco nonces for replay detection.
+DISCO_REPLAY_WINDOW = 4096
+# Cached X25519 shared keys (one scalar multiplication saved per message).
+DISCO_MAX_SHARED_KEYS = 1024
+# Peers with direct-path state kept in the path table (LRU beyond this).
+PATHS_MAX_PEERS = 4096
+# Direct addresses remembered per peer.
+PATHS_MAX_ADDRESSES_PER_PEER = 16
+# A validated path stays trusted this long after its last pong.
+PATHS_VALIDITY = 30.0
+# Source-address → NodeId mappings learnt from pings, kept this long.
+PATHS_SOURCE_MAPPING_TTL = 120.0
+# Datagrams held while the kernel send buffer is full; beyond, drop (QUIC
+# treats it as loss and backs off).
+NET_SEND_BACKLOG = 4096
+# receive_some() without max_bytes returns at most this much at once.
+NET_READ_COALESCE = 256 * KiB
+
+# --- node -------------------------------------------------------------------
+# Default UDP port of a daemon: fixed so that `--peer NODEID@HOST:PORT` and
+# firewall rules have something stable to name (unassigned by IANA).
+NODE_PORT = 47300
+# Reconnect backoff to a static peer: first retry soon (a restart takes a
+# second), then double up to a minute so a dead peer costs little.
+RECONNECT_MIN_DELAY = 0.5
+RECONNECT_MAX_DELAY = 60.0
+
+# --- store: small objects -----------------------------------------------------
+# Sealed objects up to this size live inside SQLite instead of one file each:
+# notes and settings then cost one commit, not a file + fsync + rename; big
+# chunks stay files so the database stays small and streaming stays cheap.
+SMALL_OBJECT_MAX = 16 * 1024

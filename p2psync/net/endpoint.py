@@ -1,0 +1,1414 @@
+"""The node's QUIC endpoint: one UDP socket, aioquic driven by trio.
+
+Theory
+------
+One UDP socket per node carries QUIC (both roles), disco and STUN. A single
+driver task owns the socket and every :class:`aioquic.quic.connection.QuicConnection`:
+
+1. wait until the socket is readable, a QUIC timer is due, or an
+   application task asked for output (:meth:`Endpoint._kick`);
+2. **read every datagram that is ready** (non-blocking ``recvfrom`` until
+   ``EAGAIN``, at most ``recv_batch``) and feed each to its owner —
+   QUIC by destination connection id (RFC 9000 §5.2; new server
+   connections only for a full-size Initial, §14.1), disco and STUN to their
+   handlers;
+3. fire due QUIC timers (one heap for the whole endpoint);
+4. only then ask every touched connection for output and send it
+   **batched**: runs of equal-size datagrams to one address go out in one
+   ``sendmsg`` with UDP GSO (``UDP_SEGMENT``, Linux ≥ 4.18) when the kernel
+   accepts it (probed once at startup, disabled for good on the first
+   refusal), else one ``sendto`` each.
+
+Reading everything first means one ACK per batch instead of one per
+datagram, which is most of the win over aioquic's asyncio glue. The other
+part: aioquic's pacer (RFC 9002 §7.7) allows bursts of 16 datagrams, so
+every 16 datagrams cost a timer wake-up; :class:`_BurstPacer` allows one GSO
+batch (45 x 1452 bytes) per burst at the same average rate.
+
+Addresses: QUIC sees a stable *virtual address* per peer NodeId
+(:mod:`.paths`). The dialer sends disco PINGs (:mod:`.disco`) to the real
+address first and waits (bounded) for a PONG, so the acceptor already maps
+that source address to the dialer's NodeId when the Initial arrives and
+creates the connection with the dialer's virtual address. Datagrams of a
+connection with a known peer are always fed to QUIC with its virtual
+address; outgoing ones go wherever :meth:`PathTable.send_address` says.
+A connection from an unmapped source keeps the real address and
+``their_node_id is None``. The acceptor-side NodeId is a routing hint learnt
+from disco, not proof: the node protocol's HELLO authenticates the dialer.
+
+Dialer authentication: see :mod:`.tls`. The certificate is checked after
+every datagram fed to a dialing connection and before ``connect`` returns.
+
+Flow control and backpressure (RFC 9000 §4): aioquic 1.x doubles
+MAX_STREAM_DATA / MAX_DATA as data *arrives*, whatever the application
+reads. :class:`_GatedQuicConnection` switches that off; credit is granted
+here only as the application consumes bytes (``receive_some``), so unread
+data per stream is bounded by ``stream_receive_window`` and per connection
+by ``connection_receive_window``. ``send_all`` waits while the stream's
+unacknowledged bytes in aioquic exceed ``stream_send_buffer``.
+
+Errors: a peer or network that breaks a connection or stream makes every
+pending and later operation raise :class:`ConnectionLost` /
+:class:`StreamReset`, which are both :class:`p2psync.errors.BrokenResourceError`
+**and** :class:`trio.BrokenResourceError`; using a resource we closed
+raises :class:`ResourceClosed` (both ``ClosedResourceError`` flavours), so
+generic trio stream code and p2psync code can each catch their own.
+
+Time: every ``now`` given to aioquic is ``trio.current_time()``, timers are
+trio deadlines. Under ``MockClock`` QUIC's timers run in virtual time;
+tests that use real sockets should use the real clock (an autojumping
+clock would fire loss timers while datagrams are still in the kernel).
+
+aioquic internals we rely on (checked against aioquic 1.7; the tests fail
+loudly if they change): ``_write_connection_limits`` / ``_write_stream_limits``
+(flow-control gating), ``_local_max_data`` / ``QuicStream.max_stream_data_local``
+(granting credit), ``_local_max_streams_bidi/uni`` (stream limits, set before
+the first transport parameters), ``_loss._pacer`` (burst pacer),
+``tls._peer_certificate`` (dialer check), ``sender._buffer_start/_stop``
+(unacknowledged bytes), ``_loss._rtt_smoothed`` (stats).
+
+Limits and known gaps: no Retry/address validation tokens (RFC 9000 §8.1)
+and no Version Negotiation replies; no stateless resets; no
+unidirectional streams (peers get MAX_STREAMS_UNI = 0); a stream the
+application never closes (``aclose()``) stays in its connection's table until the
+connection ends; connections we closed linger (for CONNECTION_CLOSE
+retransmission) for aioquic's closing period and count against
+``max_connections`` meanwhile.
+
+Wire (this module adds nothing to QUIC v1, RFC 9000/9001)::
+
+    -> QUIC Initial (ALPN p2psync/1, no SNI)      <- Initial+Handshake (cert = NodeId key)
+    -> disco PING boxed (before the first Initial, see disco.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import math
+import os
+import socket
+import struct
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+from aioquic._buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import K_MICRO_SECOND, QuicPacketPacer, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
+
+from p2psync import errors
+from p2psync.crypto.identity import Identity, NodeId
+from p2psync.defaults import (
+    DISCO_PING_ATTEMPTS,
+    DISCO_PING_INTERVAL,
+    DISCO_PONG_WAIT,
+    NET_ACCEPT_BACKLOG,
+    NET_CONNECTION_RECEIVE_WINDOW,
+    NET_IDLE_TIMEOUT,
+    NET_MAX_CONNECTIONS,
+    NET_MAX_DATAGRAM_SIZE,
+    NET_MAX_INCOMING_STREAMS,
+    NET_READ_COALESCE,
+    NET_RECV_BATCH,
+    NET_SEND_BACKLOG,
+    NET_SOCKET_BUFFER,
+    NET_STREAM_RECEIVE_WINDOW,
+    NET_STREAM_SEND_BUFFER,
+)
+from p2psync.net import tls
+from p2psync.net.disco import BadDisco, Disco, Ping, Pong, is_disco
+from p2psync.net.paths import Address, PathState, PathTable
+
+logger = logging.getLogger(__name__)
+
+StunHandler = Callable[[bytes, Address], None]
+
+# Linux UDP GSO/GRO (include/uapi/linux/udp.h); Python 3.11 does not export these.
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+# Kernel limit of segments per GSO send (UDP_MAX_SEGMENTS in older kernels).
+_GSO_MAX_SEGMENTS: Final = 64
+_GSO_MAX_BYTES: Final = 65000
+# RFC 8489 §5: STUN messages carry this cookie at bytes 4..8.
+_STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
+# RFC 9000 §14.1: a server drops client Initials in datagrams below 1200 bytes.
+_MIN_INITIAL_SIZE: Final = 1200
+# Our connection ids are 8 bytes (aioquic's default), needed to parse short headers.
+_CID_LENGTH: Final = 8
+# Application error code we reset/stop streams with when the app drops them.
+STREAM_ABANDONED: Final = 0x101
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+class ConnectionLost(errors.BrokenResourceError, trio.BrokenResourceError):
+    """The peer closed the connection, or it timed out or failed."""
+
+    def __init__(self, message: str, code: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ConnectFailed(ConnectionLost):
+    """The QUIC handshake did not complete (no answer, refused, or no common ALPN)."""
+
+
+class StreamReset(errors.BrokenResourceError, trio.BrokenResourceError):
+    """The peer reset (RESET_STREAM) or stopped (STOP_SENDING) this stream."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ResourceClosed(errors.ClosedResourceError, trio.ClosedResourceError):
+    """We closed this endpoint, connection or stream already."""
+
+
+class TooManyConnections(errors.LocalProtocolError):
+    """The endpoint already holds ``max_connections`` connections."""
+
+
+# -- configuration and stats ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    bind_host: str = "0.0.0.0"
+    bind_port: int = 0
+    alpn: tuple[str, ...] = ("p2psync/1",)
+    max_datagram_size: int = NET_MAX_DATAGRAM_SIZE
+    idle_timeout: float = NET_IDLE_TIMEOUT
+    max_connections: int = NET_MAX_CONNECTIONS
+    accept_backlog: int = NET_ACCEPT_BACKLOG
+    max_incoming_streams: int = NET_MAX_INCOMING_STREAMS
+    stream_receive_window: int = NET_STREAM_RECEIVE_WINDOW
+    connection_receive_window: int = NET_CONNECTION_RECEIVE_WINDOW
+    stream_send_buffer: int = NET_STREAM_SEND_BUFFER
+    recv_batch: int = NET_RECV_BATCH
+    socket_buffer: int = NET_SOCKET_BUFFER
+    use_gso: bool = True
+    use_gro: bool = True
+    disco_ping_attempts: int = DISCO_PING_ATTEMPTS
+    disco_ping_interval: float = DISCO_PING_INTERVAL
+    disco_pong_wait: float = DISCO_PONG_WAIT
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    rtt: float | None = None  # smoothed RTT (RFC 9002 §5.3), None before a sample
+    congestion_window: int = 0
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    send_calls: int = 0  # sendto/sendmsg system calls
+    gso: bool = False  # UDP GSO in use (send side)
+    gro: bool = False  # UDP GRO in use (receive side)
+    dropped_malformed: int = 0
+    dropped_unknown_connection: int = 0
+    dropped_send_errors: int = 0
+    refused_connections: int = 0
+    stun_received: int = 0
+    disco_received: int = 0
+    receive_batches: int = 0
+
+
+# -- aioquic with application-driven flow control --------------------------------
+
+
+class _GatedQuicConnection(QuicConnection):
+    """QuicConnection whose receive windows move only when the shell says so.
+
+    aioquic 1.x raises MAX_DATA / MAX_STREAM_DATA by doubling whenever more
+    than half the window has *arrived* (``_write_connection_limits`` /
+    ``_write_stream_limits``), so a receiver that never reads grows without
+    bound. We hide the "used" figures from that doubling rule for the
+    duration of the call; the frames themselves are still written by aioquic
+    whenever the limit differs from what was last sent — and the limit is
+    raised by :class:`Stream` as the application reads.
+    """
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = self._local_max_data
+        used, limit.used = limit.used, 0
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = used
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        receiver = stream.receiver
+        highest, receiver.highest_offset = receiver.highest_offset, 0
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = highest
+
+
+class _BurstPacer(QuicPacketPacer):
+    """aioquic's pacer (RFC 9002 §7.7), allowing bursts of one GSO batch.
+
+    aioquic caps a burst at 16 datagrams, so every 16 datagrams cost one
+    timer wake-up and one ``datagrams_to_send`` call. We let a burst be as
+    large as one GSO send (what TCP's TSO autosizing does with 64 KiB);
+    the average rate is still cwnd / smoothed RTT.
+    """
+
+    def __init__(self, *, max_datagram_size: int, burst: int) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self._burst = burst
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window, smoothed_rtt)
+        size = self._max_datagram_size
+        pacing_rate = congestion_window / max(smoothed_rtt, K_MICRO_SECOND)
+        self.bucket_max = (
+            max(2 * size, min(congestion_window // 4, self._burst * size)) / pacing_rate
+        )
+        self.bucket_time = min(self.bucket_time, self.bucket_max)
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+class Stream(trio.abc.HalfCloseableStream):
+    """One bidirectional QUIC stream as a trio stream.
+
+    Peer-opened streams come from :meth:`Connection.accept_stream`. A stream
+    we open is invisible to the peer until the first ``send_all`` or
+    ``send_eof`` (QUIC streams open implicitly with their first frame).
+    """
+
+    def __init__(self, connection: Connection, stream_id: int) -> None:
+        self._conn = connection
+        self.stream_id = stream_id
+        self._rx: deque[bytes] = deque()
+        self._rx_buffered = 0
+        self._rx_consumed = 0  # bytes handed to the app (or discarded), for credit
+        self._rx_eof = False
+        self._rx_error: BaseException | None = None
+        self._tx_error: BaseException | None = None
+        self._tx_eof = False
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+        self._rx_lot = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.stream_id} of {self._conn!r}>"
+
+    # -- trio.abc.SendStream --
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            self._check_send()
+            view = memoryview(data).cast("B")
+            waited = False
+            conn = self._conn
+            limit = conn._endpoint.config.stream_send_buffer
+            while view:
+                space = limit - self._unacked()
+                if space <= 0:
+                    await conn._send_lot.park()
+                    waited = True
+                    self._check_send()
+                    continue
+                chunk, view = view[:space], view[space:]
+                conn._quic.send_stream_data(self.stream_id, bytes(chunk), False)
+                conn._endpoint._mark_dirty(conn)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._check_send()
+        limit = self._conn._endpoint.config.stream_send_buffer
+        while self._unacked() >= limit:
+            await self._conn._send_lot.park()
+            self._check_send()
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._tx_eof:
+            return
+        self._check_send()
+        self._tx_eof = True
+        self._conn._quic.send_stream_data(self.stream_id, b"", True)
+        self._conn._endpoint._mark_dirty(self._conn)
+
+    # -- trio.abc.ReceiveStream --
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            waited = False
+            while not self._rx:
+                if self._closed:
+                    raise ResourceClosed("stream was closed")
+                if self._rx_error is not None:
+                    raise self._rx_error
+                if self._rx_eof:
+                    break
+                await self._rx_lot.park()
+                waited = True
+            data = self._take(max_bytes)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    # -- closing --
+
+    async def aclose(self) -> None:
+        """Finish our direction (FIN after queued data) and stop reading theirs."""
+        if not self._closed:
+            self._closed = True
+            conn = self._conn
+            if conn._usable():
+                quic = conn._quic
+                # ValueError: aioquic already finished and discarded that side.
+                if not self._tx_eof and self._tx_error is None:
+                    self._tx_eof = True
+                    with contextlib.suppress(ValueError):
+                        quic.send_stream_data(self.stream_id, b"", True)
+                if not self._rx_eof and self._rx_error is None:
+                    with contextlib.suppress(ValueError):
+                        quic.stop_stream(self.stream_id, STREAM_ABANDONED)
+                conn._endpoint._mark_dirty(conn)
+            self._discard_buffer()
+            self._rx_lot.unpark_all()
+            conn._send_lot.unpark_all()
+            conn._maybe_forget(self)
+        await trio.lowlevel.checkpoint()
+
+    # -- driver side (synchronous, called by Connection) --
+
+    def _on_data(self, data: bytes, end_stream: bool) -> None:
+        if data:
+            if self._closed:
+                self._credit(len(data))
+            else:
+                self._rx.append(data)
+                self._rx_buffered += len(data)
+        if end_stream:
+            self._rx_eof = True
+        if self._rx_lot:
+            self._rx_lot.unpark_all()
+
+    def _on_reset(self, code: int) -> None:
+        self._rx_error = StreamReset(f"peer reset stream {self.stream_id} (code {code})", code)
+        self._discard_buffer()
+        # Bytes the peer counted against MAX_DATA up to the final size but that
+        # will never arrive (RFC 9000 §4.5): give them back, or resets would
+        # shrink the connection window for good.
+        quic_stream = self._conn._quic._streams.get(self.stream_id)
+        if quic_stream is not None:
+            never_delivered = quic_stream.receiver.highest_offset - self._rx_consumed
+            if never_delivered > 0:
+                self._credit(never_delivered)
+        self._rx_lot.unpark_all()
+
+    def _on_stop_sending(self, code: int) -> None:
+        self._tx_error = StreamReset(f"peer stopped stream {self.stream_id} (code {code})", code)
+        # RFC 9000 §3.5: aioquic has already answered with RESET_STREAM.
+        self._conn._send_lot.unpark_all()
+
+    def _on_connection_lost(self, error: BaseException) -> None:
+        if self._rx_error is None and not self._rx_eof:
+            self._rx_error = error
+        if self._tx_error is None:
+            self._tx_error = error
+        self._rx_lot.unpark_all()
+
+    # -- internals --
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise ResourceClosed("stream was closed")
+        if self._tx_error is not None:
+            raise self._tx_error
+        if self._tx_eof:
+            raise ResourceClosed("send_eof() was called on this stream")
+        self._conn._check_usable()
+
+    def _unacked(self) -> int:
+        quic_stream = self._conn._quic._streams.get(self.stream_id)
+        if quic_stream is None:
+            return 0
+        sender = quic_stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        """Up to ``max_bytes`` (default: what is buffered, capped at NET_READ_COALESCE)."""
+        rx = self._rx
+        if not rx:
+            return b""
+        limit = NET_READ_COALESCE if max_bytes is None else max_bytes
+        first = rx[0]
+        if len(first) >= limit:
+            if len(first) == limit or max_bytes is None:
+                data = rx.popleft()
+            else:
+                data, rx[0] = first[:limit], first[limit:]
+        else:
+            # Coalesce the per-packet pieces so a reader gets a useful amount at once.
+            pieces = [rx.popleft()]
+            size = len(pieces[0])
+            while rx and size + len(rx[0]) <= limit:
+                piece = rx.popleft()
+                pieces.append(piece)
+                size += len(piece)
+            if rx and max_bytes is not None and size < limit:
+                head = rx[0]
+                pieces.append(head[: limit - size])
+                rx[0] = head[limit - size :]
+            data = b"".join(pieces)
+        self._rx_buffered -= len(data)
+        self._credit(len(data))
+        return data
+
+    def _discard_buffer(self) -> None:
+        if self._rx_buffered:
+            self._credit(self._rx_buffered)
+        self._rx.clear()
+        self._rx_buffered = 0
+
+    def _credit(self, count: int) -> None:
+        """Application consumed ``count`` bytes: move the receive windows (RFC 9000 §4.2)."""
+        self._rx_consumed += count
+        conn = self._conn
+        conn._rx_consumed += count
+        if not conn._usable():
+            return
+        window = conn._endpoint.config.stream_receive_window
+        quic_stream = conn._quic._streams.get(self.stream_id)
+        moved = False
+        if quic_stream is not None and not quic_stream.receiver.is_finished:
+            target = self._rx_consumed + window
+            # Update after a quarter window, not per read: fewer MAX_STREAM_DATA frames.
+            if target - quic_stream.max_stream_data_local >= window // 4:
+                quic_stream.max_stream_data_local = target
+                moved = True
+        conn_window = conn._endpoint.config.connection_receive_window
+        limit = conn._quic._local_max_data
+        target = conn._rx_consumed + conn_window
+        if target - limit.value >= conn_window // 4:
+            limit.value = target
+            moved = True
+        if moved:
+            conn._endpoint._mark_dirty(conn)
+
+    @property
+    def _finished(self) -> bool:
+        return self._closed and (self._rx_eof or self._rx_error is not None)
+
+
+# -- connections -------------------------------------------------------------------
+
+
+class Connection(trio.abc.AsyncResource):
+    """One QUIC connection to a peer. Get one from :meth:`Endpoint.connect` or ``accept``."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        quic: QuicConnection,
+        *,
+        is_dialer: bool,
+        their_node_id: NodeId | None,
+        peer_address: Address,
+        expected_node_id: NodeId | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._quic = quic
+        self.is_dialer = is_dialer
+        self.their_node_id = their_node_id
+        self._expected_node_id = expected_node_id
+        self._peer_address = peer_address  # virtual if the peer is known, else real
+        # Whose path table entry routes this connection's datagrams (None: real address).
+        self._route_node = expected_node_id if is_dialer else their_node_id
+        self._verified = not is_dialer
+        self._handshake_done = trio.Event()
+        self._established = False
+        self._failure: BaseException | None = None  # why it ended, for later calls
+        self._closed_by_us = False
+        self._gone = False  # aioquic reported ConnectionTerminated
+        self._timer_at: float | None = None
+        self._cids: set[bytes] = set()
+        self._streams: dict[int, Stream] = {}
+        self._highest_peer_stream = -1
+        self._rx_consumed = 0
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._incoming_send, self._incoming_receive = trio.open_memory_channel[Stream](
+            endpoint.config.max_incoming_streams
+        )
+        self._stats = ConnectionStats()
+        who = their_node_id.short() if their_node_id else (expected_node_id or peer_address)
+        self.log = logging.LoggerAdapter(logger, {"peer": str(who)})
+
+    def __repr__(self) -> str:
+        who = self.their_node_id.short() if self.their_node_id else self._peer_address
+        role = "dialer" if self.is_dialer else "acceptor"
+        return f"<Connection {role} peer={who}>"
+
+    @property
+    def stats(self) -> ConnectionStats:
+        loss = self._quic._loss
+        self._stats.rtt = loss._rtt_smoothed if loss._rtt_initialized else None
+        self._stats.congestion_window = loss.congestion_window
+        return self._stats
+
+    async def open_stream(self) -> Stream:
+        """A new bidirectional stream (the peer sees it at the first send)."""
+        await trio.lowlevel.checkpoint()
+        self._check_usable()
+        stream_id = self._quic.get_next_available_stream_id()
+        # Writing nothing creates aioquic's stream state now, so the next call
+        # gets the next id; no frame is sent until there is data or a FIN.
+        self._quic.send_stream_data(stream_id, b"", False)
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        """Wait for the next stream the peer opens."""
+        self._check_usable()
+        try:
+            return await self._incoming_receive.receive()
+        except trio.EndOfChannel:
+            self._check_usable()
+            raise ResourceClosed("connection closed") from None
+
+    async def aclose(self, error_code: int = 0, reason: str = "") -> None:
+        """Close with an application error code (RFC 9000 §10.2); sends CONNECTION_CLOSE now."""
+        if self._usable():
+            self._closed_by_us = True
+            # frame_type=None makes aioquic send an application CONNECTION_CLOSE (0x1d).
+            self._quic.close(error_code=error_code, reason_phrase=reason)
+            self._endpoint._service(self, trio.current_time())
+            self._shut_down(ResourceClosed("connection was closed"))
+        await trio.lowlevel.checkpoint()
+
+    # -- internals --
+
+    def _usable(self) -> bool:
+        return not self._closed_by_us and self._failure is None and not self._gone
+
+    def _check_usable(self) -> None:
+        if self._closed_by_us:
+            raise ResourceClosed("connection was closed")
+        if self._failure is not None:
+            raise self._failure
+        if self._gone:
+            raise ConnectionLost("connection ended")
+
+    def _shut_down(self, error: BaseException) -> None:
+        """Fail every pending and future operation with ``error``."""
+        if self._failure is None:
+            self._failure = error
+        for stream in list(self._streams.values()):
+            stream._on_connection_lost(self._failure)
+        self._incoming_send.close()
+        self._send_lot.unpark_all()
+        self._handshake_done.set()
+
+    def _maybe_forget(self, stream: Stream) -> None:
+        if stream._finished:
+            self._streams.pop(stream.stream_id, None)
+
+    def _check_identity(self) -> None:
+        """Dialer only: the certificate key must be the NodeId we dialed (see tls.py)."""
+        if self._verified or self._expected_node_id is None:
+            return
+        tls_context = getattr(self._quic, "tls", None)
+        certificate = getattr(tls_context, "_peer_certificate", None)
+        if certificate is None:
+            return
+        self._verified = True
+        try:
+            self.their_node_id = tls.check_peer_certificate(self._expected_node_id, certificate)
+        except tls.PeerIdentityMismatch as exc:
+            self._quic.close(
+                error_code=tls.CRYPTO_ERROR_BAD_CERTIFICATE,
+                frame_type=0x06,  # CRYPTO frame: a transport-level close (RFC 9000 §19.19)
+                reason_phrase="certificate is not the expected NodeId",
+            )
+            self._shut_down(exc)
+
+    def _process_events(self) -> None:
+        quic = self._quic
+        endpoint = self._endpoint
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                self._on_stream_data(event)
+            elif isinstance(event, events.ConnectionIdIssued):
+                self._cids.add(event.connection_id)
+                endpoint._by_cid[event.connection_id] = self
+            elif isinstance(event, events.ConnectionIdRetired):
+                self._cids.discard(event.connection_id)
+                if endpoint._by_cid.get(event.connection_id) is self:
+                    del endpoint._by_cid[event.connection_id]
+            elif isinstance(event, events.HandshakeCompleted):
+                self._on_handshake_completed()
+            elif isinstance(event, events.StreamReset):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_reset(event.error_code)
+                    self._maybe_forget(stream)
+            elif isinstance(event, events.StopSendingReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_stop_sending(event.error_code)
+            elif isinstance(event, events.ConnectionTerminated):
+                self._on_terminated(event)
+
+    def _on_handshake_completed(self) -> None:
+        if self._failure is not None:
+            return
+        if self.is_dialer:
+            self._check_identity()
+            if self.their_node_id is None and self._failure is None:
+                self._quic.close(
+                    error_code=tls.CRYPTO_ERROR_BAD_CERTIFICATE,
+                    frame_type=0x06,
+                    reason_phrase="no certificate",
+                )
+                self._shut_down(ConnectFailed("peer sent no certificate"))
+                return
+            self._established = True
+            self._handshake_done.set()
+            self.log.debug("connected")
+            return
+        self._established = True
+        try:
+            self._endpoint._incoming_send.send_nowait(self)
+        except trio.WouldBlock:
+            self._endpoint.stats.refused_connections += 1
+            self.log.warning("accept backlog full; refusing connection")
+            self._quic.close(
+                error_code=QuicErrorCode.CONNECTION_REFUSED,
+                frame_type=0,
+                reason_phrase="busy",
+            )
+            self._shut_down(ConnectionLost("refused: accept backlog full"))
+        else:
+            self.log.debug("accepted")
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        stream_id = event.stream_id
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            peer_initiated = bool(stream_id & 1) == self.is_dialer
+            if not peer_initiated or stream_id <= self._highest_peer_stream or stream_id & 2:
+                # A stream we already forgot (closed by the app), or a
+                # unidirectional one we never allow: discard, keep credit flowing.
+                stream = Stream(self, stream_id)
+                stream._closed = True
+                stream._on_data(event.data, event.end_stream)
+                return
+            self._highest_peer_stream = stream_id
+            stream = Stream(self, stream_id)
+            self._streams[stream_id] = stream
+            try:
+                self._incoming_send.send_nowait(stream)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                # Queue full: refuse the stream (RFC 9000 §3.5), keep credit flowing.
+                stream._closed = True
+                with contextlib.suppress(ValueError):
+                    self._quic.stop_stream(stream_id, STREAM_ABANDONED)
+                    self._quic.reset_stream(stream_id, STREAM_ABANDONED)
+        stream._on_data(event.data, event.end_stream)
+        self._maybe_forget(stream)
+
+    def _on_terminated(self, event: events.ConnectionTerminated) -> None:
+        self._gone = True
+        endpoint = self._endpoint
+        endpoint._forget(self)
+        if self._closed_by_us:
+            return
+        reason = event.reason_phrase or "no reason given"
+        if not self._established:
+            error: ConnectionLost = ConnectFailed(
+                f"handshake failed: {reason} (code {event.error_code:#x})",
+                event.error_code,
+                event.reason_phrase,
+            )
+        else:
+            error = ConnectionLost(
+                f"connection lost: {reason} (code {event.error_code:#x})",
+                event.error_code,
+                event.reason_phrase,
+            )
+        self.log.debug("terminated: %s", error)
+        self._shut_down(error)
+
+
+# -- the endpoint -------------------------------------------------------------------
+
+
+class Endpoint:
+    """One UDP socket, many QUIC connections. Create with :func:`open_endpoint`."""
+
+    def __init__(self, identity: Identity, config: EndpointConfig, sock: socket.socket) -> None:
+        self.config = config
+        self.node_id = identity.node_id
+        self.stats = EndpointStats()
+        self.paths = PathTable()
+        self.disco = Disco(identity, os.urandom)
+        self.observed_address: Address | None = None  # our address as a peer saw it
+        self._sock = sock
+        self._family = sock.family
+        limits: dict[str, Any] = {
+            "alpn": config.alpn,
+            "max_datagram_size": config.max_datagram_size,
+            "idle_timeout": config.idle_timeout,
+            "max_data": config.connection_receive_window,
+            "max_stream_data": config.stream_receive_window,
+        }
+        self._server_config = tls.server_configuration(identity, **limits)
+        self._client_config = tls.client_configuration(**limits)
+        self._by_cid: dict[bytes, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._dirty: dict[Connection, None] = {}
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._timer_seq = itertools.count()
+        self._wait_scope: trio.CancelScope | None = None
+        self._kicked = False
+        self._closed = False
+        self._backlog: deque[tuple[bytes, Address, int]] = deque()
+        self._incoming_send, self._incoming_receive = trio.open_memory_channel[Connection](
+            config.accept_backlog
+        )
+        self._pong_lot = trio.lowlevel.ParkingLot()
+        self._stun_handler: StunHandler | None = None
+        self.stats.gso = config.use_gso and _gso_supported(sock)
+        self.stats.gro = config.use_gro and _enable_gro(sock)
+
+    @property
+    def local_address(self) -> Address:
+        host, port = self._sock.getsockname()[:2]
+        return (str(host), int(port))
+
+    def set_stun_handler(self, handler: StunHandler | None) -> None:
+        """Route STUN datagrams (RFC 8489 §5 demultiplexing) to ``handler(data, source)``."""
+        self._stun_handler = handler
+
+    def send_datagram(self, data: bytes, address: Address) -> None:
+        """Send one raw datagram from the node socket (for STUN and friends)."""
+        self._check_open()
+        self._send_run([data], address, len(data))
+
+    async def connect(self, node_id: NodeId, address: Address) -> Connection:
+        """Dial ``node_id`` at ``address``: disco PING first, then QUIC; verify its certificate.
+
+        Raises :class:`p2psync.net.tls.PeerIdentityMismatch` if another node answers,
+        :class:`ConnectFailed` if the handshake fails or times out (idle
+        timeout), :class:`TooManyConnections` at the connection limit.
+        Cancel it with a cancel scope for a shorter deadline.
+        """
+        self._check_open()
+        if node_id == self.node_id:
+            raise errors.LocalProtocolError("cannot connect to ourselves")
+        if len(self._connections) >= self.config.max_connections:
+            raise TooManyConnections(
+                f"already {len(self._connections)} connections; close some first"
+            )
+        address = _normalize(address)
+        self.paths.add_candidate(node_id, address, trio.current_time())
+        await self._probe(node_id, address)
+        self._check_open()
+
+        quic = self._new_quic(self._client_config)
+        virtual = self.paths.virtual_address(node_id)
+        conn = Connection(
+            self,
+            quic,
+            is_dialer=True,
+            their_node_id=None,
+            peer_address=virtual,
+            expected_node_id=node_id,
+        )
+        now = trio.current_time()
+        quic.connect(virtual, now=now)
+        self._register(conn, [quic.host_cid])
+        self._service(conn, now)
+        try:
+            await conn._handshake_done.wait()
+        except BaseException:
+            if conn._usable():
+                conn._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="cancelled")
+                conn._closed_by_us = True
+                self._service(conn, trio.current_time())
+                conn._shut_down(ResourceClosed("connect was cancelled"))
+            raise
+        if conn._failure is not None:
+            raise conn._failure
+        return conn
+
+    async def accept(self) -> Connection:
+        """Wait for the next connection a peer completes a handshake on."""
+        self._check_open()
+        try:
+            return await self._incoming_receive.receive()
+        except trio.EndOfChannel:
+            raise ResourceClosed("endpoint closed") from None
+
+    # -- disco ---------------------------------------------------------------
+
+    async def _probe(self, node_id: NodeId, address: Address) -> bool:
+        """Ping ``address`` until a pong validates it (bounded); True if it did."""
+        config = self.config
+        if self._validated(node_id, address):
+            self._send_ping(node_id, address)  # refresh the peer's mapping; don't wait
+            return True
+        with trio.move_on_after(config.disco_pong_wait):
+            for _ in range(max(1, config.disco_ping_attempts)):
+                self._send_ping(node_id, address)
+                with trio.move_on_after(config.disco_ping_interval):
+                    while not self._validated(node_id, address):
+                        await self._pong_lot.park()
+                if self._validated(node_id, address):
+                    return True
+            while not self._validated(node_id, address):
+                await self._pong_lot.park()
+            return True
+        logger.debug("no disco pong from %s at %s; trying QUIC anyway", node_id.short(), address)
+        return False
+
+    def _validated(self, node_id: NodeId, address: Address) -> bool:
+        now = trio.current_time()
+        return any(
+            p.address == address and p.state is PathState.VALIDATED
+            for p in self.paths.paths(node_id, now)
+        )
+
+    def _send_ping(self, node_id: NodeId, address: Address) -> None:
+        tx_id = self.disco.new_tx_id()
+        self.paths.ping_sent(node_id, address, tx_id, trio.current_time())
+        self._send_run([self.disco.seal_ping(node_id, tx_id)], address, 0)
+
+    def _disco_received(self, data: bytes, source: Address, now: float) -> None:
+        self.stats.disco_received += 1
+        try:
+            message = self.disco.open_untrusted(data)
+        except BadDisco as exc:
+            logger.debug("dropped disco datagram from %s: %s", source, exc)
+            return
+        if isinstance(message, Ping):
+            self.paths.ping_received(message.sender, source, now)
+            try:
+                pong = self.disco.seal_pong(message.sender, message.tx_id, source)
+            except ValueError:  # a source address we cannot encode (scoped IPv6 text)
+                return
+            self._send_run([pong], source, 0)
+        elif (
+            isinstance(message, Pong)
+            and self.paths.pong_received(message.sender, message.tx_id, source, now) is not None
+        ):
+            self.observed_address = message.observed
+            self._pong_lot.unpark_all()
+
+    # -- the driver ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        """The one task that reads, feeds, fires timers and transmits."""
+        sock = self._sock
+        while True:
+            now = trio.current_time()
+            self._fire_timers(now)
+            self._flush(now)
+            if self._backlog:
+                await self._drain_backlog()
+                continue
+            if self._kicked:
+                self._kicked = False
+                await trio.lowlevel.checkpoint()
+            else:
+                deadline = self._timers[0][0] if self._timers else math.inf
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._wait_scope = scope
+                    await trio.lowlevel.wait_readable(sock)
+                self._wait_scope = None
+                self._kicked = False
+            self._receive_ready()
+
+    def _kick(self) -> None:
+        self._kicked = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+            self._wait_scope = None
+
+    def _mark_dirty(self, conn: Connection) -> None:
+        if conn not in self._dirty:
+            self._dirty[conn] = None
+            self._kick()
+
+    def _receive_ready(self) -> None:
+        sock = self._sock
+        now = trio.current_time()
+        stats = self.stats
+        stats.receive_batches += 1
+        gro = stats.gro
+        for _ in range(self.config.recv_batch):
+            try:
+                if gro:
+                    data, ancillary, _, source = sock.recvmsg(65535, _GRO_CMSG_SPACE)
+                else:
+                    data, source = sock.recvfrom(65535)
+                    ancillary = []
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                logger.debug("recvfrom: %s", exc)
+                continue
+            segment = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                    segment = int.from_bytes(value[:4], sys.byteorder)
+            if 0 < segment < len(data):
+                # GRO: the kernel glued equal-size datagrams from one source.
+                for offset in range(0, len(data), segment):
+                    self._datagram_received(data[offset : offset + segment], source, now)
+            else:
+                self._datagram_received(data, source, now)
+
+    def _datagram_received(self, data: bytes, source: Any, now: float) -> None:
+        """Demultiplex one datagram by its first byte (rule in disco.py's docstring)."""
+        self.stats.datagrams_received += 1
+        if not data:
+            self.stats.dropped_malformed += 1
+            return
+        first = data[0]
+        if first & 0x40:  # QUIC Fixed Bit (RFC 9000 §17)
+            conn = self._quic_received(data, source, now)
+            if conn is not None:
+                self._dirty[conn] = None
+        elif first & 0xC0 == 0:
+            self._stun_received(data, source)
+        elif is_disco(data):
+            self._disco_received(data, _normalize(source), now)
+        else:  # Version Negotiation has an arbitrary Fixed Bit (RFC 9000 §17.2.1)
+            conn = self._quic_received(data, source, now)
+            if conn is not None:
+                self._dirty[conn] = None
+
+    def _quic_received(self, data: bytes, source: Any, now: float) -> Connection | None:
+        conn = None
+        if not data[0] & 0x80:
+            # Short header (RFC 9000 §17.3.1): our fixed-length DCID follows the first byte.
+            conn = self._by_cid.get(data[1 : 1 + _CID_LENGTH])
+        if conn is None:
+            try:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+            except ValueError:
+                self.stats.dropped_malformed += 1
+                return None
+            conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            if (
+                header.packet_type == QuicPacketType.INITIAL
+                and len(data) >= _MIN_INITIAL_SIZE
+                and header.version in self._server_config.supported_versions
+                and not self._closed
+            ):
+                conn = self._new_incoming(header.destination_cid, _normalize(source), now)
+            if conn is None:
+                self.stats.dropped_unknown_connection += 1
+                return None
+        stats = conn._stats
+        stats.bytes_received += len(data)
+        stats.datagrams_received += 1
+        # Known peers are always fed under their virtual address: path choice
+        # belongs to the path table, QUIC never sees addresses move.
+        address = conn._peer_address if conn._route_node is not None else _normalize(source)
+        try:
+            conn._quic.receive_datagram(data, address, now)
+        except Exception as exc:  # an aioquic bug must not take the endpoint down
+            self._abandon(conn, exc)
+            return None
+        if not conn._verified:
+            conn._check_identity()
+        return conn
+
+    def _new_incoming(self, original_dcid: bytes, source: Address, now: float) -> Connection | None:
+        if len(self._connections) >= self.config.max_connections:
+            self.stats.refused_connections += 1
+            logger.debug("connection limit reached; ignoring Initial from %s", source)
+            return None
+        their_node_id = self.paths.node_for_source(source, now)
+        peer_address = (
+            self.paths.virtual_address(their_node_id) if their_node_id is not None else source
+        )
+        quic = self._new_quic(self._server_config, original_dcid)
+        conn = Connection(
+            self, quic, is_dialer=False, their_node_id=their_node_id, peer_address=peer_address
+        )
+        self._register(conn, [original_dcid, quic.host_cid])
+        return conn
+
+    def _new_quic(
+        self, configuration: QuicConfiguration, original_dcid: bytes | None = None
+    ) -> QuicConnection:
+        quic = _GatedQuicConnection(
+            configuration=configuration, original_destination_connection_id=original_dcid
+        )
+        # Peer-opened streams: bidirectional up to the accept queue, no unidirectional.
+        # Set before the transport parameters are first sent.
+        quic._local_max_streams_bidi.value = quic._local_max_streams_bidi.sent = (
+            self.config.max_incoming_streams
+        )
+        quic._local_max_streams_uni.value = quic._local_max_streams_uni.sent = 0
+        size = self.config.max_datagram_size
+        quic._loss._pacer = _BurstPacer(
+            max_datagram_size=size, burst=min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size)
+        )
+        return quic
+
+    def _register(self, conn: Connection, cids: list[bytes]) -> None:
+        self._connections.add(conn)
+        for cid in cids:
+            conn._cids.add(cid)
+            self._by_cid[cid] = conn
+
+    def _abandon(self, conn: Connection, exc: Exception) -> None:
+        """Drop a connection whose QUIC state raised: log it, fail its users, move on."""
+        conn.log.error("QUIC state machine failed; dropping the connection", exc_info=exc)
+        conn._gone = True
+        self._forget(conn)
+        conn._shut_down(ConnectionLost(f"internal error: {exc!r}"))
+
+    def _forget(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        for cid in conn._cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        conn._cids.clear()
+        conn._timer_at = None
+
+    def _stun_received(self, data: bytes, source: Any) -> None:
+        if len(data) < 20 or data[4:8] != _STUN_COOKIE:
+            self.stats.dropped_malformed += 1
+            return
+        self.stats.stun_received += 1
+        handler = self._stun_handler
+        if handler is not None:
+            try:
+                handler(data, _normalize(source))
+            except Exception:
+                logger.exception("STUN handler failed")
+
+    def _fire_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, conn = heapq.heappop(timers)
+            if conn._timer_at != when:
+                continue  # stale entry: the timer moved since
+            conn._timer_at = None
+            try:
+                conn._quic.handle_timer(now)
+            except Exception as exc:
+                self._abandon(conn, exc)
+                continue
+            self._dirty[conn] = None
+
+    def _compact_timers(self) -> None:
+        """Drop stale heap entries (timers that moved): keeps the heap O(connections)."""
+        self._timers = [
+            entry for entry in self._timers if entry[2]._timer_at == entry[0] and not entry[2]._gone
+        ]
+        heapq.heapify(self._timers)
+
+    def _flush(self, now: float) -> None:
+        while self._dirty:
+            conns = list(self._dirty)
+            self._dirty.clear()
+            for conn in conns:
+                self._service(conn, now)
+
+    def _service(self, conn: Connection, now: float) -> None:
+        """Drain events, transmit, re-arm the timer: everything after new input."""
+        self._dirty.pop(conn, None)
+        try:
+            conn._process_events()
+            if not conn._gone:
+                self._transmit(conn, now)
+                conn._process_events()  # CIDs issued and closes decided while sending
+        except Exception as exc:  # an aioquic bug must not take the endpoint down
+            self._abandon(conn, exc)
+        if not conn._gone:
+            timer_at = conn._quic.get_timer()
+            if timer_at != conn._timer_at:
+                conn._timer_at = timer_at
+                if timer_at is not None:
+                    heapq.heappush(self._timers, (timer_at, next(self._timer_seq), conn))
+                    if len(self._timers) > 64 + 4 * len(self._connections):
+                        self._compact_timers()
+                    # Serviced outside the driver (connect, aclose): pull its wake-up in.
+                    scope = self._wait_scope
+                    if scope is not None and timer_at < scope.deadline:
+                        scope.deadline = timer_at
+        if conn._send_lot:
+            conn._send_lot.unpark_all()
+
+    def _transmit(self, conn: Connection, now: float) -> None:
+        datagrams = conn._quic.datagrams_to_send(now)
+        if not datagrams:
+            return
+        stats = conn._stats
+        run: list[bytes] = []
+        run_to: Address | None = None
+        segment = 0
+        max_segments = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // self.config.max_datagram_size)
+        resolved: dict[Any, Address | None] = {}
+        for data, address in datagrams:
+            stats.bytes_sent += len(data)
+            stats.datagrams_sent += 1
+            if address in resolved:
+                real = resolved[address]
+            else:
+                real = resolved[address] = self._resolve(conn, address, now)
+            if real is None:
+                continue
+            # A GSO run: same destination, equal sizes, only the last may be shorter.
+            if (
+                run
+                and real == run_to
+                and len(run) < max_segments
+                and len(run[-1]) == segment
+                and len(data) <= segment
+            ):
+                run.append(data)
+                continue
+            if run and run_to is not None:
+                self._send_run(run, run_to, segment)
+            run, run_to, segment = [data], real, len(data)
+        if run and run_to is not None:
+            self._send_run(run, run_to, segment)
+
+    def _resolve(self, conn: Connection, address: Any, now: float) -> Address | None:
+        if conn._route_node is not None and address == conn._peer_address:
+            return self.paths.send_address(conn._route_node, now)
+        node_id = self.paths.node_for_virtual(address)
+        if node_id is not None:
+            return self.paths.send_address(node_id, now)
+        return _normalize(address)
+
+    def _send_run(self, run: list[bytes], address: Address, segment: int) -> None:
+        """Send datagrams to one address: one GSO sendmsg if possible, else sendto each."""
+        if self._backlog:
+            self._queue_backlog(run, address, segment)
+            return
+        sock = self._sock
+        stats = self.stats
+        if len(run) > 1 and stats.gso:
+            try:
+                sock.sendmsg(
+                    [b"".join(run)],
+                    [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))],
+                    0,
+                    address,
+                )
+                stats.send_calls += 1
+                stats.datagrams_sent += len(run)
+                return
+            except BlockingIOError:
+                self._queue_backlog(run, address, segment)
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    logger.info("UDP GSO refused by the kernel (%s); using sendto", exc)
+                    stats.gso = False
+                else:
+                    stats.dropped_send_errors += len(run)
+                    logger.debug("sendmsg to %s: %s", address, exc)
+                    return
+        for index, data in enumerate(run):
+            try:
+                sock.sendto(data, address)
+                stats.send_calls += 1
+                stats.datagrams_sent += 1
+            except BlockingIOError:
+                self._queue_backlog(run[index:], address, 0)
+                return
+            except OSError as exc:
+                stats.dropped_send_errors += 1
+                logger.debug("sendto %s: %s", address, exc)
+
+    def _queue_backlog(self, run: list[bytes], address: Address, segment: int) -> None:
+        for data in run:
+            if len(self._backlog) >= NET_SEND_BACKLOG:
+                self.stats.dropped_send_errors += 1
+                continue
+            self._backlog.append((data, address, segment))
+        self._kick()
+
+    async def _drain_backlog(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+        backlog = self._backlog
+        while backlog:
+            data, address, _ = backlog[0]
+            try:
+                self._sock.sendto(data, address)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.stats.dropped_send_errors += 1
+                logger.debug("sendto %s: %s", address, exc)
+            else:
+                self.stats.send_calls += 1
+                self.stats.datagrams_sent += 1
+            backlog.popleft()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ResourceClosed("endpoint is closed")
+
+    def _shutdown(self) -> None:
+        """Close every connection (one CONNECTION_CLOSE each, best effort) and stop."""
+        self._closed = True
+        now = trio.current_time()
+        for conn in list(self._connections):
+            if conn._usable():
+                conn._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="shutting down")
+                conn._closed_by_us = True
+                self._transmit(conn, now)
+            conn._shut_down(ResourceClosed("endpoint closed"))
+        self._connections.clear()
+        self._by_cid.clear()
+        self._incoming_send.close()
+
+
+def _normalize(address: Any) -> Address:
+    """(host, port) from whatever recvfrom returned (IPv6 adds flowinfo, scope)."""
+    return (str(address[0]), int(address[1]))
+
+
+def _gso_supported(sock: socket.socket) -> bool:
+    """Probe UDP_SEGMENT once (Linux ≥ 4.18); the first refused send also turns it off."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    """Ask for UDP GRO (Linux ≥ 5.0): fewer, larger reads; False if refused."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _open_socket(config: EndpointConfig) -> socket.socket:
+    infos = socket.getaddrinfo(
+        config.bind_host, config.bind_port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):  # the kernel caps, or refuses: not fatal
+                sock.setsockopt(socket.SOL_SOCKET, option, config.socket_buffer)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def open_endpoint(
+    identity: Identity, config: EndpointConfig | None = None
+) -> AsyncIterator[Endpoint]:
+    """Bind the node's UDP socket and run the endpoint until the block exits.
+
+    On exit every connection is closed (CONNECTION_CLOSE sent once, no
+    draining wait) and the socket is released.
+    """
+    config = config or EndpointConfig()
+    sock = _open_socket(config)
+    endpoint = Endpoint(identity, config, sock)
+    logger.debug(
+        "endpoint %s on %s (gso=%s)",
+        identity.node_id.short(),
+        endpoint.local_address,
+        endpoint.stats.gso,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endpoint._run)
+            try:
+                yield endpoint
+            finally:
+                endpoint._shutdown()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The driver never raises on its own; unwrap the body's one exception
+        # so callers see what they raised, not a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        sock.close()
+
+
+__all__ = [
+    "ConnectFailed",
+    "Connection",
+    "ConnectionLost",
+    "ConnectionStats",
+    "Endpoint",
+    "EndpointConfig",
+    "EndpointStats",
+    "ResourceClosed",
+    "Stream",
+    "StreamReset",
+    "TooManyConnections",
+    "open_endpoint",
+]
