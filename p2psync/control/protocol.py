@@ -123,15 +123,17 @@ def decode_reply_untrusted(line: bytes) -> JsonObject:
 # --- parameter helpers: one clear bad-params message per mistake -------------
 
 
-def param_str(params: JsonObject, name: str, *, required: bool = True) -> str | None:
+def param_str(params: JsonObject, name: str) -> str:
     value = params.get(name)
     if value is None:
-        if required:
-            raise ControlError(ErrorCode.BAD_PARAMS, f"missing parameter '{name}'")
-        return None
+        raise ControlError(ErrorCode.BAD_PARAMS, f"missing parameter '{name}'")
     if not isinstance(value, str):
         raise ControlError(ErrorCode.BAD_PARAMS, f"parameter '{name}' must be a string")
     return value
+
+
+def param_optional_str(params: JsonObject, name: str) -> str | None:
+    return None if params.get(name) is None else param_str(params, name)
 
 
 def param_int(params: JsonObject, name: str, default: int, *, lo: int = 0, hi: int = 2**62) -> int:

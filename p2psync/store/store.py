@@ -98,7 +98,8 @@ CREATE TABLE IF NOT EXISTS heads (
 CREATE TABLE IF NOT EXISTS objects (
     object_id BLOB PRIMARY KEY,
     kind      INTEGER NOT NULL,
-    size      INTEGER NOT NULL
+    size      INTEGER NOT NULL,
+    data      BLOB             -- the sealed bytes of a small object, else NULL (a file)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS blobs (
     blob_id     BLOB PRIMARY KEY,
@@ -170,7 +171,11 @@ class Store:
         )
         self._db.execute(f"PRAGMA busy_timeout = {defaults.SQLITE_BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
+        # WAL + NORMAL: a commit survives a crash of any process and never
+        # corrupts; after a power loss the last few commits may roll back
+        # (SQLite's documented trade-off). Objects are fsynced before their
+        # commit, so a rolled-back put leaves only files that gc() collects.
+        self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("PRAGMA foreign_keys = ON")
         with self._write():
             for statement in _SCHEMA.split(";"):
@@ -238,18 +243,38 @@ class Store:
 
     def read_object(self, oid: bytes) -> bytes:
         """The sealed bytes of a stored object, hash-verified."""
+        row = self._db.execute("SELECT data FROM objects WHERE object_id = ?", (oid,)).fetchone()
         try:
-            return self.files.read_verified(oid)
+            if row is None or row[0] is None:
+                return self.files.read_verified(oid)
+            data = bytes(row[0])
+            if object_id(data) != oid:
+                raise CorruptObject(oid, "its hash no longer matches its name (in the database)")
+            return data
         except CorruptObject:
             self._forget_object(oid)
             raise
 
+    def _object_row(
+        self, oid: bytes, sealed: bytes, kind: ObjectKind
+    ) -> tuple[bytes, int, int, bytes | None]:
+        """Write a large object's file (fsynced); return its ``objects`` row.
+
+        Objects up to SMALL_OBJECT_MAX live in the row itself: a small value
+        then costs one SQLite commit instead of a file, an fsync and a rename.
+        """
+        if len(sealed) <= defaults.SMALL_OBJECT_MAX:
+            return (oid, int(kind), len(sealed), sealed)
+        if not self.files.exists(oid):
+            self.files.write(oid, sealed, sync_dir=False)
+        return (oid, int(kind), len(sealed), None)
+
     def _store_object(self, oid: bytes, sealed: bytes, kind: ObjectKind) -> None:
         if not self.has_object(oid):
-            self.files.write(oid, sealed)
-            self._db.execute(
-                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?)", (oid, int(kind), len(sealed))
-            )
+            row = self._object_row(oid, sealed, kind)
+            if row[3] is None:
+                self.files.sync_dirs({oid})
+            self._db.execute("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)", row)
 
     def _forget_object(self, oid: bytes) -> None:
         """An object went bad on disk: mark it missing so sync fetches it again."""
@@ -387,6 +412,7 @@ class Store:
         """
         keys = self.keys
         refs: list[ChunkRef] = []
+        rows: list[tuple[bytes, int, int, bytes | None]] = []  # one small chunk at most
         total = 0
         while True:
             plaintext = _read_chunk(reader)
@@ -400,8 +426,7 @@ class Store:
                 )
             sealed = seal(keys, ObjectKind.CHUNK, plaintext)
             oid = object_id(sealed)
-            if not self.files.exists(oid):
-                self.files.write(oid, sealed, sync_dir=False)
+            rows.append(self._object_row(oid, sealed, ObjectKind.CHUNK))
             refs.append(ChunkRef(oid, filled))
             total += filled
             if progress is not None:
@@ -411,12 +436,9 @@ class Store:
         # Files are fsynced one by one; their directories once each, then one
         # transaction records them all (a crash before it leaves stray files
         # that gc() removes).
-        self.files.sync_dirs({ref.chunk_id for ref in refs})
+        self.files.sync_dirs({row[0] for row in rows if row[3] is None})
         with self._write() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?)",
-                [(ref.chunk_id, int(ObjectKind.CHUNK), ref.size + OVERHEAD) for ref in refs],
-            )
+            db.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)", rows)
             manifest = Manifest(total, tuple(refs)) if len(refs) > 1 else None
             if manifest is None:
                 blob_id = refs[0].chunk_id

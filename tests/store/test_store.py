@@ -265,10 +265,28 @@ def test_leftover_temp_file_is_ignored_and_cleaned(
 def test_object_files_without_an_entry_are_collected(make_store: MakeStore) -> None:
     store = make_store()
     blob_id, _ = store.put_blob(io.BytesIO(os.urandom(2 * CHUNK)))  # crash before append
-    assert store.files.exists(blob_id)
+    chunk_ids = [bytes(r[0]) for r in store._db.execute("SELECT chunk_id FROM blob_chunks")]
+    assert store.has_object(blob_id) and all(store.files.exists(c) for c in chunk_ids)
     result = store.gc()
     assert result.objects_removed == 3
-    assert not store.files.exists(blob_id)
+    assert not store.has_object(blob_id)
+    assert not any(store.files.exists(c) for c in chunk_ids)
+
+
+def test_small_objects_live_in_the_database_and_are_verified(make_store: MakeStore) -> None:
+    store = make_store()
+    blob_id = put(store, "note", b"a small note")
+    assert not store.files.exists(blob_id)  # no file, no fsync per small value
+    assert b"".join(store.iter_blob(blob_id)) == b"a small note"
+    (sealed,) = store._db.execute(
+        "SELECT data FROM objects WHERE object_id = ?", (blob_id,)
+    ).fetchone()
+    flipped = bytearray(sealed)
+    flipped[20] ^= 0xFF
+    store._db.execute("UPDATE objects SET data = ? WHERE object_id = ?", (bytes(flipped), blob_id))
+    with pytest.raises(CorruptObject, match="in the database"):
+        next(store.iter_blob(blob_id))
+    assert store.missing_objects(blob_id) == [blob_id]
 
 
 def test_unknown_key_and_blob(make_store: MakeStore) -> None:
