@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from p2psync import __version__, ops
+from p2psync.control.client import ControlClient, connect_if_running
 from p2psync.crypto.group import group_id_text
 from p2psync.errors import P2PSyncError
 from p2psync.home import Home, default_home
-from p2psync.proto.entry import Kind, hlc_to_ms
+from p2psync.proto.entry import Kind
 from p2psync.store import Meta
 
 
@@ -101,14 +104,39 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(home: Home) -> ControlClient | None:
+    """A client of this home's running daemon, or None to work on the store directly."""
+    return connect_if_running(home.path)
+
+
+def _put_stdin_via(daemon: ControlClient, home: Home, key: str) -> Any:
+    """Spool stdin to an owner-only temp file in the home, let the daemon put it."""
+    fd, name = tempfile.mkstemp(prefix="stdin-", dir=home.path)
+    try:
+        with os.fdopen(fd, "wb") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool, length=1 << 20)
+        return daemon.call("put", {"path": name, "key": key, "anonymous": True})
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
 def cmd_put(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.path != "-" and not Path(args.path).is_file():
         raise UserError(f"{args.path} is not a readable file")
+    if args.path == "-" and not args.key:
+        raise UserError("reading from stdin needs --key KEY")
+    daemon = _daemon(home)
+    if daemon is not None:
+        with daemon:
+            if args.path == "-":
+                row = _put_stdin_via(daemon, home, args.key)
+            else:
+                row = daemon.call("put", {"path": str(Path(args.path).resolve()), "key": args.key})
+        _emit(args, row, f"put {row['key']} ({_human_size(row['size'])}) blob {row['blob'][:16]}")
+        return 0
     with home.open_store() as store:
         if args.path == "-":
-            if not args.key:
-                raise UserError("reading from stdin needs --key KEY")
             stored = ops.put_stream(store, sys.stdin.buffer, key=args.key)
         else:
             stored = ops.put_path(store, Path(args.path), key=args.key)
@@ -131,7 +159,13 @@ def cmd_get(args: argparse.Namespace) -> int:
             out.flush()
             return 0
         target = Path(args.output)
-        written = ops.get_to_path(store, args.target, target)
+        daemon = _daemon(home)
+        if daemon is not None:
+            with daemon:
+                reply = daemon.call("get", {"target": args.target, "output": str(target.resolve())})
+            written = int(reply["size"])
+        else:
+            written = ops.get_to_path(store, args.target, target)
     if args.json:
         _emit(args, {"path": str(target), "size": written}, "")
     else:
@@ -141,36 +175,87 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     home = _home(args)
-    with home.open_store() as store:
-        if args.json:
-            _emit(args, ops.list_live(store), "")
-            return 0
-        rows = store.live()
-        if not rows:
-            print("(empty)")
-            return 0
-        width = max(len(r.key or "") for r in rows)
-        for row in rows:
-            status = "ok" if row.complete else "pending"
-            if not row.complete:
-                done, needed = store.blob_progress(row.entry.blob)
-                status = f"pending {done}/{needed}"
-            when = time.strftime(
-                "%Y-%m-%d %H:%M:%S", time.localtime(hlc_to_ms(row.entry.hlc) / 1000)
-            )
-            print(
-                f"{(row.key or ''):<{width}}  {_human_size(row.entry.size):>10}  {when}  "
-                f"{row.entry.author.short()}  {status}"
-            )
+    daemon = _daemon(home)
+    if daemon is not None:
+        with daemon:
+            rows = daemon.call("ls")
+    else:
+        with home.open_store() as store:
+            rows = ops.list_live(store)
+    if args.json:
+        _emit(args, rows, "")
+        return 0
+    if not rows:
+        print("(empty)")
+        return 0
+    width = max(len(row["key"] or "") for row in rows)
+    for row in rows:
+        status = row["status"]
+        if "progress" in row:
+            status += f" {row['progress']['chunks_done']}/{row['progress']['chunks_total']}"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["time_ms"] / 1000))
+        print(
+            f"{(row['key'] or ''):<{width}}  {_human_size(row['size']):>10}  {when}  "
+            f"{row['author'][:10]}  {status}"
+        )
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     home = _home(args)
+    daemon = _daemon(home)
+    if daemon is not None:
+        with daemon:
+            row = daemon.call("rm", {"key": args.key})
+        _emit(args, row, f"removed {args.key}")
+        return 0
     with home.open_store() as store:
         stored, freed = ops.remove(store, args.key)
     _emit(args, {**ops.entry_json(stored), "objects_removed": freed}, f"removed {args.key}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+    daemon = _daemon(home)
+    if daemon is None:
+        identity = home.load_identity()
+        state: dict[str, Any] = {
+            "node_id": str(identity.node_id),
+            "running": False,
+            "peers": [],
+        }
+        _emit(args, state, f"node   {identity.node_id}\ndaemon not running "
+              "(start it with `p2psync daemon`)")  # fmt: skip
+        return 0
+    with daemon:
+        state = daemon.call("status")
+    state["running"] = True
+    if args.json:
+        _emit(args, state, "")
+        return 0
+    print(f"node      {state['node_id']}  {state.get('name') or ''}")
+    print(f"group     {state.get('group_id') or '(none)'}")
+    print(f"listening {', '.join(state['listening'])}")
+    peers = state["peers"]
+    print(f"peers     {len(peers)}")
+    for peer in peers:
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
+        line = (
+            f"  {peer['node_id'][:16]}  {peer['path']:<7} {peer.get('address') or '-':<22} "
+            f"rtt {rtt:<9} in {_human_size(peer['bytes_in'])} out {_human_size(peer['bytes_out'])}"
+        )
+        if peer.get("last_error"):
+            line += f"  last error: {peer['last_error']}"
+        print(line)
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from p2psync.daemon import run_daemon
+
+    return run_daemon(_home(args), listen=args.listen, peers=args.peer or [],
+                      log_level=args.log_level)  # fmt: skip
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -250,6 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("key")
 
     add("gc", cmd_gc, "delete stored objects that no current value references")
+
+    add("status", cmd_status, "show the running daemon's peers, paths and counters")
+
+    daemon = add("daemon", cmd_daemon, "run the node in the foreground (Ctrl-C stops it)")
+    daemon.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="UDP address to listen on (default: config, else 0.0.0.0:47300)",
+    )
+    daemon.add_argument(
+        "--peer",
+        action="append",
+        metavar="NODEID@HOST:PORT",
+        help="a device to keep connected to (repeatable; adds to config peers)",
+    )
+    daemon.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])  # fmt: skip
 
     demo = add("demo", cmd_demo, "a guided tour in a throw-away home")
     demo.add_argument("--keep", action="store_true", help="keep the demo home for exploring")

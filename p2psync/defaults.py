@@ -158,3 +158,7 @@ RECONNECT_MAX_DELAY = 60.0
 # notes and settings then cost one commit, not a file + fsync + rename; big
 # chunks stay files so the database stays small and streaming stays cheap.
 SMALL_OBJECT_MAX = 16 * 1024
+# Two verified links to one peer within this many seconds are a simultaneous
+# dial (keep_connection decides); a link newer than that replaces the old one
+# (the peer restarted and the old connection is dead until its idle timeout).
+DUPLICATE_WINDOW = 10.0

@@ -42,9 +42,15 @@ def default_home() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """Settings from ``config.toml``. Later issues add fields with defaults."""
+    """Settings from ``config.toml``; flags given to the daemon override them.
+
+    ``listen`` is ``HOST:PORT`` and each of ``peers`` ``NODEID@HOST:PORT``;
+    they are checked when the daemon parses them (:mod:`p2psync.node`).
+    """
 
     name: str = ""
+    listen: str | None = None
+    peers: tuple[str, ...] = ()
 
 
 def _check_name(name: str) -> str:
@@ -59,14 +65,22 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    known = {"name"}
+    known = {"name", "listen", "peers"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        raise ConfigError(
+            f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
     name = data.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{source}: 'name' must be a string")
-    return NodeConfig(name=_check_name(name))
+    listen = data.get("listen")
+    if listen is not None and not isinstance(listen, str):
+        raise ConfigError(f"{source}: 'listen' must be a string like \"0.0.0.0:47300\"")
+    peers = data.get("peers", [])
+    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+        raise ConfigError(f"{source}: 'peers' must be a list of \"NODEID@HOST:PORT\" strings")
+    return NodeConfig(name=_check_name(name), listen=listen, peers=tuple(peers))
 
 
 def _toml_string(value: str) -> str:

@@ -28,7 +28,10 @@ whatever gossip missed, so a peer that was away converges when it returns.
 
 Two links to one peer (both dialed at once) are resolved by
 :func:`~p2psync.sync.rules.keep_connection`: the lower NodeId's outgoing
-connection wins, on both sides.
+connection wins, on both sides. A new link that arrives when the current
+one is older than ``DUPLICATE_WINDOW`` replaces it instead: the peer dialed
+again because it lost the old connection (a restart), and waiting for the
+old one's idle timeout would stall sync for that long.
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ class PeerLink:
         self.session = session
         self.dialed = dialed
         self.verified = False
+        self.verified_at = 0.0
         self._kick_send, self._kick_receive = trio.open_memory_channel[None](1)
         self._done = trio.Event()
         self._close_code = 0
@@ -422,6 +426,17 @@ class Node:
         self._announce_local(stored)
         return stored
 
+    async def put_stream_from(self, path: Path, *, key: str) -> StoredEntry:
+        """Put a file's content under ``key`` without recording its name or type."""
+
+        def put() -> StoredEntry:
+            with path.open("rb") as handle:
+                return ops.put_stream(self.store, handle, key=key)
+
+        stored = await self.locked(put)
+        self._announce_local(stored)
+        return stored
+
     async def put_bytes(
         self, data: bytes, *, key: str, content_type: str | None = None
     ) -> StoredEntry:
@@ -516,7 +531,13 @@ class Node:
     def _peer_verified(self, link: PeerLink, their: NodeId) -> None:
         current = self.active.get(their)
         if current is not None and current is not link:
-            loser = current if keep_connection(self.node_id, their, link.dialed) else link
+            if trio.current_time() - current.verified_at > defaults.DUPLICATE_WINDOW:
+                # Not a simultaneous dial: the peer opened a new connection
+                # because it lost the old one (it restarted, or its address
+                # changed). The old one is dead or dying; the new one wins.
+                loser = current
+            else:
+                loser = current if keep_connection(self.node_id, their, link.dialed) else link
             log.info("duplicate connection to %s: closing the %s one", their.short(),
                      "outgoing" if loser.dialed else "incoming")  # fmt: skip
             loser.session.close(ErrorCode.DUPLICATE_CONNECTION, "duplicate connection")
@@ -527,6 +548,7 @@ class Node:
             self.gossip.remove_peer(their)
             del self.active[their]
         link.verified = True
+        link.verified_at = trio.current_time()
         self.active[their] = link
         self.gossip.add_peer(their, link.session)
         info = self.peers.setdefault(their, PeerInfo(their))

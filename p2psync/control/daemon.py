@@ -3,7 +3,8 @@
 Methods (params -> result; errors carry the codes of
 :class:`p2psync.control.protocol.ErrorCode`)::
 
-    put        {path, key?}              -> entry         store a file the caller can read
+    put        {path, key?, anonymous?}  -> entry         store a file the caller can read
+                                            (anonymous: keep no file name, key required)
     get        {target, output}          -> {path, size}  write a key's value (or a blob) out
     ls         {}                        -> [entry, ...]  current value of every key
     rm         {key}                     -> entry         tombstone a key
@@ -26,6 +27,8 @@ import trio
 from p2psync import ops
 from p2psync.control.protocol import (
     SOCKET_NAME,
+    ControlError,
+    ErrorCode,
     JsonObject,
     param_int,
     param_optional_str,
@@ -44,7 +47,13 @@ def _path(params: JsonObject, name: str) -> Path:
 def control_server_for(node: Node) -> ControlServer:
     async def put(params: JsonObject) -> Any:
         key = param_optional_str(params, "key")
-        stored = await node.put_path(_path(params, "path"), key=key)
+        path = _path(params, "path")
+        if params.get("anonymous") is True:  # spooled stdin: the file name means nothing
+            if key is None:
+                raise ControlError(ErrorCode.BAD_PARAMS, "an anonymous put needs a key")
+            stored = await node.put_stream_from(path, key=key)
+        else:
+            stored = await node.put_path(path, key=key)
         return ops.entry_json(stored)
 
     async def get(params: JsonObject) -> Any:
