@@ -258,6 +258,49 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                       log_level=args.log_level)  # fmt: skip
 
 
+def _parse_duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        seconds = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    except ValueError:
+        raise UserError(f"{text!r} is not a duration like 90s, 10m or 1h") from None
+    if not 10 <= seconds <= 24 * 3600:
+        raise UserError("an invite lasts between 10 seconds and 24 hours")
+    return seconds
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    home = _home(args)
+    lifetime = _parse_duration(args.expires)
+    daemon = _daemon(home)
+    if daemon is not None:
+        with daemon:
+            reply = daemon.call("invite", {"lifetime": lifetime})
+        _emit(args, reply, f"{reply['ticket']}\n\nOn the new device: p2psync join TICKET "
+              f"(valid {lifetime // 60} min, once; the running daemon answers it)")  # fmt: skip
+        return 0
+    from p2psync.daemon import invite_and_wait
+
+    return invite_and_wait(home, lifetime=lifetime, listen=args.listen, as_json=args.json)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    import trio
+
+    from p2psync.join import join_group
+
+    home = _home(args)
+    joined = trio.run(join_group, home, args.ticket, args.name or "")
+    _emit(
+        args,
+        {"group_id": joined.group_id, "inviter": joined.inviter,
+         "address": f"{joined.address[0]}:{joined.address[1]}"},
+        f"joined group {joined.group_id}\n(the inviter is now a peer in {home.config_file}; "
+        "run `p2psync daemon` to sync)",
+    )  # fmt: skip
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     with _home(args).open_store() as store:
         result = store.gc()
@@ -337,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("gc", cmd_gc, "delete stored objects that no current value references")
 
     add("status", cmd_status, "show the running daemon's peers, paths and counters")
+
+    invite = add("invite", cmd_invite, "print a one-time ticket that lets another device join")
+    invite.add_argument("--expires", default="10m", help="how long the ticket lasts (default 10m)")
+    invite.add_argument("--listen", metavar="HOST:PORT",
+                        help="without a daemon: where to wait for the joiner")  # fmt: skip
+
+    join = add("join", cmd_join, "join the group of the device that printed TICKET")
+    join.add_argument("ticket", metavar="TICKET")
+    join.add_argument("--name", help="a name for this device, shown to the others")
 
     daemon = add("daemon", cmd_daemon, "run the node in the foreground (Ctrl-C stops it)")
     daemon.add_argument(

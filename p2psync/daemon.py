@@ -8,6 +8,8 @@ so scripts (and netsim) can wait for it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -39,6 +41,35 @@ async def serve(home: Home, options: NodeOptions) -> None:
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 break
+
+
+async def _invite(home: Home, options: NodeOptions, lifetime: int, as_json: bool) -> int:
+    async with open_node(home, options) as node:
+        ticket = node.create_invite(lifetime)
+        if as_json:
+            print(json.dumps({"ticket": ticket.encode(), "expires": ticket.expires}), flush=True)
+        else:
+            print(ticket.encode(), flush=True)
+            print(f"\nOn the new device: p2psync join TICKET  (waiting up to {lifetime // 60} min; "
+                  "Ctrl-C to cancel)", file=sys.stderr, flush=True)  # fmt: skip
+        with trio.move_on_at(trio.current_time() + lifetime) as scope:
+            await node.joined.wait()
+        if scope.cancelled_caught:
+            print("p2psync: error: the invite expired unused", file=sys.stderr)
+            return 1
+        # Stay a moment so the new device's first sync finds us up.
+        with trio.move_on_after(2):
+            await trio.sleep_forever()
+        print("a device joined", file=sys.stderr)
+        return 0
+
+
+def invite_and_wait(home: Home, *, lifetime: int, listen: str | None, as_json: bool) -> int:
+    """``p2psync invite`` with no daemon: listen until one device joins or time runs out."""
+    options = options_for(home, listen=listen, peers=[])
+    options = dataclasses.replace(options, peers=(), control=False)
+    code: int = trio.run(_invite, home, options, lifetime, as_json)
+    return code
 
 
 def run_daemon(home: Home, *, listen: str | None, peers: list[str], log_level: str) -> int:

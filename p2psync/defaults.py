@@ -162,3 +162,8 @@ SMALL_OBJECT_MAX = 16 * 1024
 # dial (keep_connection decides); a link newer than that replaces the old one
 # (the peer restarted and the old connection is dead until its idle timeout).
 DUPLICATE_WINDOW = 10.0
+
+# --- pairing -----------------------------------------------------------------
+# An invite ticket is valid this long: enough to walk to the other device,
+# short enough that a forgotten ticket in a chat log soon means nothing.
+INVITE_LIFETIME = 600

@@ -185,6 +185,18 @@ class Home:
             return NodeConfig()
         return parse_config_untrusted(self.config_file.read_text(), str(self.config_file))
 
+    def add_peer(self, peer: str) -> None:
+        """Append a ``NODEID@HOST:PORT`` static peer to config.toml (if new)."""
+        config = self.load_config()
+        if peer in config.peers:
+            return
+        lines = [f"name = {_toml_string(config.name)}"]
+        if config.listen:
+            lines.append(f"listen = {_toml_string(config.listen)}")
+        peers = ", ".join(_toml_string(p) for p in (*config.peers, peer))
+        lines.append(f"peers = [{peers}]")
+        _write_private(self.config_file, ("\n".join(lines) + "\n").encode())
+
     def open_store(self, random_bytes: RandomBytes = os.urandom) -> Store:
         return Store(
             self.path, self.load_identity(), self.load_secrets(), random_bytes=random_bytes

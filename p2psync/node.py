@@ -54,11 +54,35 @@ import trio
 from p2psync import defaults, ops
 from p2psync.crypto.group import group_id_text
 from p2psync.crypto.identity import BadNodeId, NodeId
-from p2psync.errors import BrokenResourceError, ConfigError, P2PSyncError
+from p2psync.errors import BadFrame, BrokenResourceError, ConfigError, IntegrityError, P2PSyncError
 from p2psync.home import Home
 from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
+from p2psync.net.interfaces import ipv4_addresses
+from p2psync.pairing import (
+    CHALLENGE_SIZE,
+    JOIN_CHALLENGE,
+    JOIN_PROOF,
+    JOIN_REFUSED,
+    JOIN_REQUEST,
+    JOIN_TYPES,
+    JOIN_WELCOME,
+    MAX_JOIN_FRAME,
+    InviteBook,
+    JoinRefused,
+    Ticket,
+    check_mac,
+    decode_join_untrusted,
+    decode_request_fields,
+    first_frame_type,
+    join_frame,
+    join_mac,
+    seal_secrets,
+    transcript,
+)
+from p2psync.proto.entry import Kind
 from p2psync.proto.messages import ErrorCode, FrameDecoder, Role
 from p2psync.store import Store, StoredEntry
+from p2psync.store.objects import Meta
 from p2psync.sync.events import (
     EntriesReceived,
     ObjectWanted,
@@ -157,6 +181,21 @@ class PeerInfo:
     sessions_closed: dict[str, int] = field(default_factory=dict)
 
 
+async def _read_first_frame(stream: Any) -> tuple[bytes, bytes]:
+    """Read until the first frame is complete: ``(all bytes read, first body)``."""
+    decoder = FrameDecoder(defaults.SYNC_MAX_CONTROL_FRAME)
+    raw = bytearray()
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise trio.BrokenResourceError("the peer closed its first stream")
+        raw += data
+        decoder.feed(data)
+        body = decoder.next_frame()
+        if body is not None:
+            return bytes(raw), body
+
+
 class PeerLink:
     """One connection's shell around its :class:`SyncSession`."""
 
@@ -184,13 +223,20 @@ class PeerLink:
     async def run(self) -> None:
         node = self.node
         try:
+            first = b""
             if self.dialed:
                 control = await self.conn.open_stream()
             else:
                 with trio.fail_after(defaults.SYNC_HANDSHAKE_TIMEOUT):
                     control = await self.conn.accept_stream()
+                    first, body = await _read_first_frame(control)
+                if first_frame_type(body) in JOIN_TYPES:
+                    await node.serve_join(control, first)
+                    return
             async with trio.open_nursery() as nursery:
                 await node.locked(self.session.start, trio.current_time())
+                if first:
+                    await node.locked(self.session.receive_control, first, trio.current_time())
                 await self._flush(control, nursery)
                 nursery.start_soon(self._read_control, control, nursery)
                 nursery.start_soon(self._serve_objects, nursery)
@@ -376,7 +422,10 @@ class Node:
             "bad_object_requests": 0,
             "connections_failed": 0,
             "entries_received": 0,
+            "joins_refused": 0,
         }
+        self.invites = InviteBook()
+        self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
         self._changes = trio.Event()  # set and replaced on every store change
         self._progress = trio.Event()
@@ -504,6 +553,82 @@ class Node:
                 "gso": self.endpoint.stats.gso,
             },
         }
+
+    # --- pairing ----------------------------------------------------------------------
+
+    def create_invite(self, lifetime: int = defaults.INVITE_LIFETIME) -> Ticket:
+        invite = self.invites.create(os.urandom, int(time.time()), lifetime)
+        host, port = self.endpoint.local_address
+        hosts = ipv4_addresses() if host in ("0.0.0.0", "") else [host]
+        return Ticket(
+            inviter=self.node_id,
+            addresses=tuple((h, port) for h in hosts),
+            expires=invite.expires,
+            invite_id=invite.invite_id,
+            invite_secret=invite.secret,
+        )
+
+    async def serve_join(self, stream: Any, first: bytes) -> None:
+        """Answer a join handshake whose first frame is already read (``first``)."""
+        decoder = FrameDecoder(MAX_JOIN_FRAME)
+        decoder.feed(first)
+
+        async def next_message() -> tuple[int, list[object]]:
+            while (body := decoder.next_frame()) is None:
+                data = await stream.receive_some(MAX_JOIN_FRAME)
+                if not data:
+                    raise trio.BrokenResourceError("joiner went away")
+                decoder.feed(data)
+            return decode_join_untrusted(body)
+
+        try:
+            with trio.fail_after(defaults.SYNC_HANDSHAKE_TIMEOUT):
+                kind, fields = await next_message()
+                if kind != JOIN_REQUEST:
+                    raise BadFrame("a join starts with JOIN_REQUEST")
+                request = decode_request_fields(fields)
+                invite = self.invites.find(request.invite_id, int(time.time()))
+                challenge = os.urandom(CHALLENGE_SIZE)
+                script = transcript(
+                    request.invite_id, self.node_id, request.joiner, request.challenge, challenge
+                )
+                await stream.send_all(
+                    join_frame(
+                        JOIN_CHALLENGE, challenge, join_mac(invite.secret, b"inviter", script)
+                    )
+                )
+                kind, fields = await next_message()
+                if kind != JOIN_PROOF or len(fields) != 1:
+                    raise BadFrame("expected JOIN_PROOF")
+                try:
+                    check_mac(join_mac(invite.secret, b"joiner", script), fields[0], "joiner")
+                except IntegrityError:
+                    self.invites.failed_proof(invite)
+                    raise JoinRefused("wrong-code", "wrong or mistyped invite code") from None
+                self.invites.consume(invite)
+                sealed = seal_secrets(request.joiner, self.home.load_secrets())
+                await stream.send_all(join_frame(JOIN_WELCOME, sealed))
+                await stream.send_eof()
+            member = Meta(
+                key="",
+                content_type="device",
+                name=request.name,
+                app={"node_id": str(request.joiner), "added_by": str(self.node_id)},
+            )
+            stored = await self.locked(self.store.append, Kind.MEMBER, member, now_ms=ops.now_ms())
+            self._announce_local(stored)
+            log.info("device %s (%s) joined the group", request.joiner.short(), request.name)
+            self.joined.set()
+            self.joined = trio.Event()
+        except JoinRefused as exc:
+            self.counters["joins_refused"] += 1
+            log.warning("refused a join: %s", exc)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(join_frame(JOIN_REFUSED, exc.code, str(exc)))
+                await stream.send_eof()
+        except (BadFrame, trio.TooSlowError) as exc:
+            self.counters["joins_refused"] += 1
+            log.warning("bad join attempt: %s", exc)
 
     # --- links ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ Methods (params -> result; errors carry the codes of
     ls         {}                        -> [entry, ...]  current value of every key
     rm         {key}                     -> entry         tombstone a key
     status     {}                        -> node status (peers, paths, counters)
+    invite     {lifetime?}               -> {ticket, expires}  a one-time join ticket
     whoami     {}                        -> {node_id, name, group_id, home}
     subscribe  {after?}                  -> events {type: "entry-added", entry} for every
                                             entry after cursor ``after``, then live ones
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2psync import ops
+from p2psync import defaults, ops
 from p2psync.control.protocol import (
     SOCKET_NAME,
     ControlError,
@@ -67,6 +68,11 @@ def control_server_for(node: Node) -> ControlServer:
     async def rm(params: JsonObject) -> Any:
         return ops.entry_json(await node.delete(param_str(params, "key")))
 
+    async def invite(params: JsonObject) -> Any:
+        lifetime = param_int(params, "lifetime", defaults.INVITE_LIFETIME, lo=10, hi=86_400)
+        ticket = node.create_invite(lifetime)
+        return {"ticket": ticket.encode(), "expires": ticket.expires}
+
     async def status(params: JsonObject) -> Any:
         return node.status()
 
@@ -90,7 +96,15 @@ def control_server_for(node: Node) -> ControlServer:
                 await changed.wait()
 
     return ControlServer(
-        {"put": put, "get": get, "ls": ls, "rm": rm, "status": status, "whoami": whoami},
+        {
+            "put": put,
+            "get": get,
+            "ls": ls,
+            "rm": rm,
+            "status": status,
+            "whoami": whoami,
+            "invite": invite,
+        },
         {"subscribe": subscribe},
     )
 
