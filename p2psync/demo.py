@@ -1,26 +1,34 @@
-"""``p2psync demo``: a guided tour that a newcomer can read.
+"""``p2psync demo``: a guided tour a newcomer can read.
 
-Today it shows the local half of the product in a throw-away home: create a
-device and a group, put a note and a multi-chunk file, read them back, and
-prove that what lies on disk is ciphertext only (it searches every file in
-the home for the note's text and a sample of the file's bytes). Later work
-extends it to several nodes syncing through relayd.
+In a throw-away directory: two devices, a laptop and a phone, each with its
+own home. The laptop starts a group and prints an invite ticket; the phone
+joins with it over real QUIC on loopback. Both run nodes; a note and a
+multi-chunk file put on the laptop arrive on the phone, a note written on
+the phone arrives on the laptop, a delete propagates as a signed tombstone,
+and finally every file of both homes is searched for the plaintext to show
+that only ciphertext is stored.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import trio
+
 from p2psync import defaults
 from p2psync.crypto.group import group_id_text
+from p2psync.daemon import options_for
 from p2psync.home import Home
-from p2psync.proto.entry import Kind
-from p2psync.store import Meta
+from p2psync.join import join_group
+from p2psync.node import Node, NodeOptions, open_node
+
+NOTE = b"Meet at the lighthouse at seven. Bring the blue notebook.\n"
+REPLY = b"See you there - phone\n"
 
 
 def _say(text: str = "") -> None:
@@ -28,69 +36,93 @@ def _say(text: str = "") -> None:
 
 
 def _files_containing(root: Path, needle: bytes) -> list[Path]:
-    hits = []
-    for path in root.rglob("*"):
-        if path.is_file() and needle in path.read_bytes():
-            hits.append(path)
-    return hits
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+async def _until(node: Node, what: str, predicate: object) -> float:
+    start = time.monotonic()
+    with trio.fail_after(30):
+        while not predicate():  # type: ignore[operator]
+            with trio.move_on_after(0.05):
+                await node.changes().wait()
+    return time.monotonic() - start
+
+
+def _has(node: Node, key: str) -> bool:
+    return any(s.key == key and s.complete for s in node.store.live())
+
+
+async def _tour(workdir: Path) -> int:
+    laptop_home, phone_home = Home(workdir / "laptop"), Home(workdir / "phone")
+    laptop_id = laptop_home.init(os.urandom, name="laptop").node_id
+    phone_id = phone_home.init(os.urandom, name="phone").node_id
+    secret = laptop_home.create_group(os.urandom)
+    _say("p2psync demo: two devices pair and sync, end-to-end encrypted")
+    _say(f"  laptop  {laptop_id}")
+    _say(f"  phone   {phone_id}")
+    _say(f"  group   {group_id_text(secret.keys().group_id)} (created on the laptop)")
+    _say()
+    local = NodeOptions(listen=("127.0.0.1", 0))
+    async with open_node(laptop_home, local) as laptop:
+        port = laptop.endpoint.local_address[1]
+        ticket = dataclasses.replace(laptop.create_invite(600),
+                                     addresses=(("127.0.0.1", port),))  # fmt: skip
+        text = ticket.encode()
+        _say(f"laptop$ p2psync invite        -> {text[:32]}… ({len(text)} characters)")
+        joined = await join_group(phone_home, text, name="phone")
+        _say(f"phone $ p2psync join TICKET   -> joined {joined.group_id[:16]}…")
+        _say("        (the ticket never holds the group secret: the laptop sealed it to the")
+        _say("         phone's key after both proved the invite over QUIC)")
+        _say()
+        phone_options = dataclasses.replace(options_for(phone_home, listen="127.0.0.1:0", peers=[]),
+                                            control=False)  # fmt: skip
+        async with open_node(phone_home, phone_options) as phone:
+            big = os.urandom(5 * defaults.CHUNK_SIZE // 2)
+            await laptop.put_bytes(NOTE, key="notes/today.txt", content_type="text/plain")
+            await laptop.put_bytes(big, key="photos/big.bin")
+            _say(f"laptop$ p2psync put notes/today.txt  ({len(NOTE)} bytes)")
+            _say(f"laptop$ p2psync put photos/big.bin   ({len(big):,} bytes, 3 chunks)")
+            took = await _until(phone, "both", lambda: _has(phone, "notes/today.txt")
+                                and _has(phone, "photos/big.bin"))  # fmt: skip
+            ok = await phone.get_bytes("notes/today.txt") == NOTE
+            ok = ok and await phone.get_bytes("photos/big.bin") == big
+            path = phone.status()["peers"][0]
+            _say(f"phone : both arrived in {took:.2f}s, byte-identical: {ok}; "
+                 f"path to laptop: {path['path']} {path['address']}")  # fmt: skip
+            await phone.put_bytes(REPLY, key="notes/reply.txt")
+            took = await _until(laptop, "reply", lambda: _has(laptop, "notes/reply.txt"))
+            _say(f"phone $ p2psync put notes/reply.txt -> on the laptop after {took:.2f}s")
+            await laptop.delete("notes/today.txt")
+            took = await _until(phone, "tombstone", lambda: not _has(phone, "notes/today.txt"))
+            _say(f"laptop$ p2psync rm notes/today.txt  -> gone on the phone after {took:.2f}s")
+            keys = sorted(s.key or "" for s in phone.store.live())
+            _say(f"phone $ p2psync ls                  -> {', '.join(keys)}")
+            if not ok:
+                return 1
+    _say()
+    _say("Searching every file of both homes for plaintext:")
+    hits = 0
+    for label, needle in (("the note's words ('lighthouse')", b"lighthouse"),
+                          ("the phone's reply", b"See you there"),
+                          ("the key name 'notes/today.txt'", b"notes/today.txt")):  # fmt: skip
+        found = _files_containing(workdir, needle)
+        hits += len(found)
+        _say(f"  {label:<36} found in {len(found)} files")
+    if hits:
+        _say("FAILED: plaintext found on disk")
+        return 1
+    _say("Only ciphertext is stored: chunks are XChaCha20-Poly1305 sealed and named by the")
+    _say("BLAKE3 hash of their ciphertext; keys and names live in sealed entry metadata.")
+    return 0
 
 
 def run_demo(*, keep: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="p2psync-demo-"))
     try:
-        home = Home(workdir / "laptop")
-        identity = home.init(os.urandom, name="laptop")
-        secret = home.create_group(os.urandom)
-        _say("p2psync demo: one device, one group, an encrypted local store")
-        _say(f"  device  {identity.node_id}  (its Ed25519 public key is its name)")
-        _say(f"  group   {group_id_text(secret.keys().group_id)}  (public routing id)")
-        _say(f"  home    {home.path}")
-        _say()
-
-        note = b"Meet at the lighthouse at seven. Bring the blue notebook.\n"
-        big = os.urandom(5 * defaults.CHUNK_SIZE // 2)  # 2.5 MiB: three chunks
-        now = time.time_ns() // 1_000_000
-        with home.open_store() as store:
-            for key, data, kind in (("notes/today.txt", note, "text/plain"),
-                                    ("photos/big.bin", big, None)):  # fmt: skip
-                blob_id, size = store.put_blob(io.BytesIO(data))
-                store.append(
-                    Kind.PUT, Meta(key=key, content_type=kind), now_ms=now, blob=blob_id, size=size
-                )
-                _say(f"put  {key:<18} {size:>9,} bytes -> blob {blob_id.hex()[:16]}…")
-            _say()
-            for stored in store.live():
-                data = b"".join(store.iter_blob(stored.entry.blob))
-                expected = note if stored.key == "notes/today.txt" else big
-                verdict = "identical" if data == expected else "DIFFERENT"
-                _say(f"get  {stored.key:<18} {len(data):>9,} bytes, {verdict} to what was put")
-                if data != expected:
-                    return 1
-            stats = store.stats()
-        _say()
-        _say(
-            f"The store holds {stats['entries']} signed entries and {stats['objects']} "
-            f"sealed objects ({stats['object_bytes']:,} bytes):"
-        )
-        for path in sorted((home.path / "objects").rglob("*")):
-            if path.is_file():
-                _say(f"  objects/{path.parent.name}/{path.name[:24]}…  {path.stat().st_size:>9,}")
-        note_hits = _files_containing(home.path, b"lighthouse")
-        big_hits = _files_containing(home.path, big[1000:1064])
-        key_hits = _files_containing(home.path, b"notes/today.txt")
-        _say()
-        _say("Searching every file in the home for the plaintext:")
-        _say(f"  the note's words ('lighthouse')     found in {len(note_hits)} files")
-        _say(f"  64 bytes from the middle of big.bin found in {len(big_hits)} files")
-        _say(f"  the key name 'notes/today.txt'      found in {len(key_hits)} files")
-        if note_hits or big_hits or key_hits:
-            _say("FAILED: plaintext found on disk")
-            return 1
-        _say("Only ciphertext is on disk: chunks are XChaCha20-Poly1305 sealed and named by")
-        _say("BLAKE3 of the ciphertext; keys and names live inside sealed entry metadata.")
+        code: int = trio.run(_tour, workdir)
         if keep:
-            _say(f"\nKept the demo home: p2psync --home {home.path} ls")
-        return 0
+            _say(f"\nKept the demo homes: p2psync --home {workdir / 'phone'} ls")
+        return code
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

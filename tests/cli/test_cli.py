@@ -136,7 +136,8 @@ def test_demo_exits_zero_and_finds_no_plaintext(capsys: pytest.CaptureFixture[st
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
     assert "found in 0 files" in out
-    assert "identical to what was put" in out
+    assert "byte-identical: True" in out
+    assert "path to laptop: direct" in out
 
 
 def test_ci_runs_the_readme_test_command() -> None:
