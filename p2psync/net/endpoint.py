@@ -8,7 +8,9 @@ driver task owns the socket and every :class:`aioquic.quic.connection.QuicConnec
 1. wait until the socket is readable, a QUIC timer is due, or an
    application task asked for output (:meth:`Endpoint._kick`);
 2. **read every datagram that is ready** (non-blocking ``recvfrom`` until
-   ``EAGAIN``, at most ``recv_batch``) and feed each to its owner —
+   ``EAGAIN``, at most ``recv_batch`` reads; with UDP GRO, Linux ≥ 5.0, one
+   read returns a whole batch of equal-size datagrams, split here) and feed
+   each to its owner —
    QUIC by destination connection id (RFC 9000 §5.2; new server
    connections only for a full-size Initial, §14.1), disco and STUN to their
    handlers;
@@ -55,9 +57,10 @@ raises :class:`ResourceClosed` (both ``ClosedResourceError`` flavours), so
 generic trio stream code and p2psync code can each catch their own.
 
 Time: every ``now`` given to aioquic is ``trio.current_time()``, timers are
-trio deadlines. Under ``MockClock`` QUIC's timers run in virtual time;
-tests that use real sockets should use the real clock (an autojumping
-clock would fire loss timers while datagrams are still in the kernel).
+trio deadlines. Under ``MockClock`` QUIC's timers run in virtual time
+(tested with ``autojump_threshold=0`` over loopback); with real sockets an
+autojump may fire a loss timer while a datagram is still in the kernel,
+which costs a spurious retransmission, never correctness.
 
 aioquic internals we rely on (checked against aioquic 1.7; the tests fail
 loudly if they change): ``_write_connection_limits`` / ``_write_stream_limits``
@@ -75,10 +78,24 @@ connection ends; connections we closed linger (for CONNECTION_CLOSE
 retransmission) for aioquic's closing period and count against
 ``max_connections`` meanwhile.
 
-Wire (this module adds nothing to QUIC v1, RFC 9000/9001)::
+Wire (this module adds nothing to QUIC v1, RFC 9000/9001), dialer's view::
 
-    -> QUIC Initial (ALPN p2psync/1, no SNI)      <- Initial+Handshake (cert = NodeId key)
-    -> disco PING boxed (before the first Initial, see disco.py)
+    -> disco PING(tx)                      (up to 3, 200 ms apart, see disco.py)
+    <- disco PONG(tx, our observed address) (or none within 1 s: go on anyway)
+    -> QUIC Initial (ALPN p2psync/1, no SNI)
+    <- Initial + Handshake (certificate = the NodeId's key, CertificateVerify)
+       [dialer: certificate key == dialed NodeId, else CONNECTION_CLOSE 0x12a]
+    -> Handshake Finished, then 1-RTT streams
+
+Use::
+
+    async with open_endpoint(identity, EndpointConfig()) as endpoint:
+        conn = await endpoint.connect(peer_id, ("192.0.2.7", 41641))
+        stream = await conn.open_stream()
+        await stream.send_all(b"hello")
+        await stream.send_eof()
+        reply = await stream.receive_some()
+        # acceptor side: conn = await endpoint.accept(); s = await conn.accept_stream()
 """
 
 from __future__ import annotations
@@ -225,6 +242,7 @@ class EndpointStats:
     datagrams_received: int = 0
     datagrams_sent: int = 0
     send_calls: int = 0  # sendto/sendmsg system calls
+    recv_calls: int = 0  # recvfrom/recvmsg system calls that returned data
     gso: bool = False  # UDP GSO in use (send side)
     gro: bool = False  # UDP GRO in use (receive side)
     dropped_malformed: int = 0
@@ -547,6 +565,14 @@ class Stream(trio.abc.HalfCloseableStream):
 # -- connections -------------------------------------------------------------------
 
 
+class _PeerLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every message with the peer it concerns (never keys)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        peer = self.extra["peer"] if self.extra else "?"
+        return f"[{peer}] {msg}", kwargs
+
+
 class Connection(trio.abc.AsyncResource):
     """One QUIC connection to a peer. Get one from :meth:`Endpoint.connect` or ``accept``."""
 
@@ -584,8 +610,9 @@ class Connection(trio.abc.AsyncResource):
             endpoint.config.max_incoming_streams
         )
         self._stats = ConnectionStats()
-        who = their_node_id.short() if their_node_id else (expected_node_id or peer_address)
-        self.log = logging.LoggerAdapter(logger, {"peer": str(who)})
+        known = their_node_id or expected_node_id
+        who = known.short() if known is not None else peer_address
+        self.log = _PeerLog(logger, {"peer": str(who)})
 
     def __repr__(self) -> str:
         who = self.their_node_id.short() if self.their_node_id else self._peer_address
@@ -798,7 +825,6 @@ class Endpoint:
         self.disco = Disco(identity, os.urandom)
         self.observed_address: Address | None = None  # our address as a peer saw it
         self._sock = sock
-        self._family = sock.family
         limits: dict[str, Any] = {
             "alpn": config.alpn,
             "max_datagram_size": config.max_datagram_size,
@@ -1002,6 +1028,7 @@ class Endpoint:
             except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
                 logger.debug("recvfrom: %s", exc)
                 continue
+            stats.recv_calls += 1
             segment = 0
             for level, kind, value in ancillary:
                 if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from p2psync import errors
 from p2psync.crypto.identity import Identity
@@ -341,8 +342,10 @@ async def test_gso_gro_and_plain_fallback_all_work() -> None:
                 assert endpoint_stats.send_calls < endpoint_stats.datagrams_sent
             receiver_stats = acceptor._endpoint.stats
             if receiver_stats.gro and endpoint_stats.gso:
-                # Coalesced reads: far fewer wake-ups than datagrams.
-                assert receiver_stats.receive_batches < receiver_stats.datagrams_received / 4
+                # The kernel hands over GSO batches whole: fewer reads than datagrams.
+                assert receiver_stats.recv_calls < receiver_stats.datagrams_received / 2
+            if not offload:
+                assert receiver_stats.recv_calls == receiver_stats.datagrams_received
 
 
 async def test_partial_reads_with_max_bytes() -> None:
@@ -485,3 +488,16 @@ async def test_ipv6_loopback() -> None:
             await stream.send_all(b"v6")
             await stream.send_eof()
             assert await read_all(await acceptor.accept_stream()) == b"v6"
+
+
+async def test_runs_under_an_autojumping_mock_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # QUIC time is trio time: the virtual clock drives aioquic's timers too.
+    async with connected() as (dialer, acceptor):
+        payload = random.Random(5).randbytes(1_000_000)
+        with trio.fail_after(60):
+            stream = await dialer.open_stream()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_and_finish, stream, payload)
+                assert await read_all(await acceptor.accept_stream()) == payload

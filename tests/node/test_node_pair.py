@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ async def test_two_nodes_sync_both_ways(make_home: Callable[..., Home]) -> None:
             peer_a = StaticPeer(a.node_id, a_addr)
             async with open_node(b_home, NodeOptions(listen=LOOPBACK, peers=(peer_a,))) as b:
                 await a.put_bytes(b"hello from a", key="notes/a")
-                await b.put_bytes(os.urandom(3 * 1024 * 1024 + 1), key="blobs/b")
+                await b.put_bytes(os.urandom(64 * 1024 * 1024), key="blobs/b")
                 await wait_until(b, lambda: "notes/a" in keys_of(b))
                 await wait_until(a, lambda: "blobs/b" in keys_of(a))
                 assert await b.get_bytes("notes/a") == b"hello from a"
@@ -78,3 +79,49 @@ async def test_thousand_entries_both_ways_and_duplicate_dials(
                 assert a.store.frontier() == b.store.frontier()
                 await wait_until(a, lambda: len(a.links) == 1 and len(b.links) == 1)
                 assert a.active[b.node_id].dialed == (a.node_id < b.node_id)
+
+
+async def test_wrong_group_and_garbage_are_refused_and_the_node_keeps_serving(
+    make_home: Callable[..., Home],
+) -> None:
+    import random
+
+    from p2psync.net.endpoint import EndpointConfig, open_endpoint
+
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    stranger_home = make_home("s", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, NodeOptions(listen=LOOPBACK)) as a:
+            a_peer = StaticPeer(a.node_id, ("127.0.0.1", a.endpoint.local_address[1]))
+            options = NodeOptions(listen=LOOPBACK, peers=(a_peer,))
+            async with open_node(stranger_home, options) as stranger:
+                await wait_until(
+                    stranger,
+                    lambda: (
+                        a.node_id in stranger.peers
+                        and "wrong-group" in (stranger.peers[a.node_id].last_error or "")
+                    ),
+                )
+                assert a.node_id not in stranger.active and stranger.node_id not in a.active
+            # A raw QUIC client that sends garbage on the control stream.
+            rng = random.Random(5)
+            garbage_identity = make_home("g", None).load_identity()
+            config = EndpointConfig(bind_host="127.0.0.1")
+            async with open_endpoint(garbage_identity, config) as raw:
+                for _ in range(3):
+                    conn = await raw.connect(a.node_id, a_peer.address)
+                    stream = await conn.open_stream()
+                    await stream.send_all(rng.randbytes(rng.randrange(1, 5000)))
+                    await stream.send_eof()
+                    # The node closes this connection; we only read until it does.
+                    with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some(65536):
+                            pass
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await conn.aclose()
+            # The node still serves its group: a member syncs normally.
+            async with open_node(b_home, options) as b:
+                await a.put_bytes(b"still here", key="alive")
+                await wait_until(b, lambda: "alive" in keys_of(b))
+            assert a.counters["protocol_violations"] >= 1
