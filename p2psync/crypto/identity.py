@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -70,6 +71,13 @@ def b32decode_untrusted(text: str) -> bytes:
         raise BadFrame(f"not valid base32 ({len(lowered)} characters)") from exc
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_valid_point(raw: bytes) -> bool:
+    # A group has few authors whose ids arrive on every entry; the point
+    # check costs ~65 us, so remember the answer (bounded).
+    return bool(sodium.crypto_core_ed25519_is_valid_point(raw))
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class NodeId:
     """A device's public name: its Ed25519 public key."""
@@ -79,7 +87,7 @@ class NodeId:
     def __post_init__(self) -> None:
         if len(self.raw) != NODE_ID_SIZE:
             raise BadNodeId(f"a NodeId is {NODE_ID_SIZE} bytes, got {len(self.raw)}")
-        if not sodium.crypto_core_ed25519_is_valid_point(self.raw):
+        if not _is_valid_point(self.raw):
             raise BadNodeId("these bytes are not a valid Ed25519 public key")
 
     @classmethod
