@@ -255,7 +255,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from p2psync.daemon import run_daemon
 
     return run_daemon(_home(args), listen=args.listen, peers=args.peer or [],
-                      log_level=args.log_level)  # fmt: skip
+                      log_level=args.log_level, mdns=not args.no_mdns)  # fmt: skip
 
 
 def _parse_duration(text: str) -> int:
@@ -401,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NODEID@HOST:PORT",
         help="a device to keep connected to (repeatable; adds to config peers)",
+    )
+    daemon.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not advertise or look for devices on the LAN (mDNS)",
     )
     daemon.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])  # fmt: skip

@@ -23,13 +23,19 @@ from p2psync.node import NodeOptions, StaticPeer, open_node, parse_host_port
 log = logging.getLogger("p2psync.daemon")
 
 
-def options_for(home: Home, *, listen: str | None, peers: list[str]) -> NodeOptions:
+def options_for(
+    home: Home, *, listen: str | None, peers: list[str], mdns: bool = True
+) -> NodeOptions:
     config = home.load_config()
     listen_text = listen or config.listen or f"0.0.0.0:{defaults.NODE_PORT}"
     static = [StaticPeer.parse(text) for text in (*config.peers, *peers)]
     unique = {peer.node_id: peer for peer in static}  # a flag wins over config
-    return NodeOptions(listen=parse_host_port(listen_text), peers=tuple(unique.values()),
-                       control=True)  # fmt: skip
+    return NodeOptions(
+        listen=parse_host_port(listen_text),
+        peers=tuple(unique.values()),
+        control=True,
+        mdns=mdns,
+    )
 
 
 async def serve(home: Home, options: NodeOptions) -> None:
@@ -66,13 +72,15 @@ async def _invite(home: Home, options: NodeOptions, lifetime: int, as_json: bool
 
 def invite_and_wait(home: Home, *, lifetime: int, listen: str | None, as_json: bool) -> int:
     """``p2psync invite`` with no daemon: listen until one device joins or time runs out."""
-    options = options_for(home, listen=listen, peers=[])
+    options = options_for(home, listen=listen, peers=[], mdns=False)
     options = dataclasses.replace(options, peers=(), control=False)
     code: int = trio.run(_invite, home, options, lifetime, as_json)
     return code
 
 
-def run_daemon(home: Home, *, listen: str | None, peers: list[str], log_level: str) -> int:
+def run_daemon(
+    home: Home, *, listen: str | None, peers: list[str], log_level: str, mdns: bool = True
+) -> int:
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         stream=sys.stderr,
@@ -80,7 +88,7 @@ def run_daemon(home: Home, *, listen: str | None, peers: list[str], log_level: s
     )
     # aioquic logs every handshake at INFO; ours already say what matters.
     logging.getLogger("quic").setLevel(max(logging.WARNING, logging.root.level))
-    options = options_for(home, listen=listen, peers=peers)
+    options = options_for(home, listen=listen, peers=peers, mdns=mdns)
     trio.run(serve, home, options)
     log.info("stopped")
     return 0

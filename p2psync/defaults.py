@@ -167,3 +167,6 @@ DUPLICATE_WINDOW = 10.0
 # An invite ticket is valid this long: enough to walk to the other device,
 # short enough that a forgotten ticket in a chat log soon means nothing.
 INVITE_LIFETIME = 600
+# A LAN address found by mDNS answers within a second or not at all; try the
+# next one after this long.
+LAN_DIAL_TIMEOUT = 3.0

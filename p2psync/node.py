@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -47,7 +48,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import trio
 
@@ -99,6 +100,9 @@ from p2psync.sync.object_stream import (
 )
 from p2psync.sync.rules import keep_connection
 from p2psync.sync.session import ChallengeCache, ObjectClaims, SyncSession
+
+if TYPE_CHECKING:
+    from p2psync.discovery.mdns import DiscoveredPeer  # imports zeroconf: only when used
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,7 @@ class NodeOptions:
     peers: tuple[StaticPeer, ...] = ()
     endpoint: EndpointConfig | None = None  # bind address comes from ``listen``
     control: bool = False  # serve the control socket (daemon mode)
+    mdns: bool = False  # advertise and browse on the LAN (the daemon turns it on)
     reconnect_min: float = defaults.RECONNECT_MIN_DELAY
     reconnect_max: float = defaults.RECONNECT_MAX_DELAY
 
@@ -178,6 +183,7 @@ class PeerInfo:
     bytes_in: int = 0
     bytes_out: int = 0
     rtt_ms: float | None = None
+    lan_addresses: tuple[Address, ...] = ()  # from mDNS
     sessions_closed: dict[str, int] = field(default_factory=dict)
 
 
@@ -199,8 +205,16 @@ async def _read_first_frame(stream: Any) -> tuple[bytes, bytes]:
 class PeerLink:
     """One connection's shell around its :class:`SyncSession`."""
 
-    def __init__(self, node: Node, conn: Connection, session: SyncSession, dialed: bool) -> None:
+    def __init__(
+        self,
+        node: Node,
+        conn: Connection,
+        session: SyncSession,
+        dialed: bool,
+        address: Address | None = None,
+    ) -> None:
         self.node = node
+        self.address = address  # the address we dialed (None for accepted links)
         self.conn = conn
         self.session = session
         self.dialed = dialed
@@ -425,6 +439,8 @@ class Node:
             "joins_refused": 0,
         }
         self.invites = InviteBook()
+        self._dialing: set[NodeId] = set()
+        self.mdns_status = "off"
         self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
         self._changes = trio.Event()  # set and replaced on every store change
@@ -543,6 +559,7 @@ class Node:
             "name": self.home.load_config().name,
             "group_id": group,
             "listening": [f"{host}:{port}"],
+            "mdns": self.mdns_status,
             "uptime_s": round(now - self.started_at, 1),
             "peers": peers,
             "counters": dict(self.counters),
@@ -645,9 +662,16 @@ class Node:
             object_claims=self.object_claims,
         )
 
-    async def run_link(self, conn: Connection, *, dialed: bool, expected: NodeId | None) -> None:
+    async def run_link(
+        self,
+        conn: Connection,
+        *,
+        dialed: bool,
+        expected: NodeId | None,
+        address: Address | None = None,
+    ) -> None:
         role = Role.DIALER if dialed else Role.ACCEPTOR
-        link = PeerLink(self, conn, self._new_session(role, expected), dialed)
+        link = PeerLink(self, conn, self._new_session(role, expected), dialed, address)
         self.links.add(link)
         if expected is not None:
             self.peers.setdefault(expected, PeerInfo(expected))
@@ -677,7 +701,9 @@ class Node:
         self.active[their] = link
         self.gossip.add_peer(their, link.session)
         info = self.peers.setdefault(their, PeerInfo(their))
-        info.path = "direct"
+        if link.address is not None:
+            info.address = link.address
+        info.path = "lan" if link.address in info.lan_addresses else "direct"
         info.connected_since = time.time()
         info.last_error = None
         log.info("peer %s verified (%s)", their.short(), "dialed" if link.dialed else "accepted")
@@ -746,14 +772,72 @@ class Node:
             info.address = peer.address
             started = trio.current_time()
             with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
-                await self.run_link(conn, dialed=True, expected=peer.node_id)
+                await self.run_link(conn, dialed=True, expected=peer.node_id, address=peer.address)
             if trio.current_time() - started > self.options.reconnect_max:
                 delay = self.options.reconnect_min  # it ran well: start over
             await trio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.options.reconnect_max)
 
+    # --- LAN discovery ------------------------------------------------------------
+
+    def _mdns_peer(self, peer: DiscoveredPeer) -> None:
+        """mDNS found a device of our group: remember its LAN addresses, dial it."""
+        if peer.node_id == self.node_id:
+            return
+        info = self.peers.setdefault(peer.node_id, PeerInfo(peer.node_id))
+        info.lan_addresses = peer.addresses
+        if peer.node_id in self.active or peer.node_id in self._dialing:
+            return
+        self._nursery.start_soon(self._dial_lan, peer)
+
+    async def _dial_lan(self, peer: DiscoveredPeer) -> None:
+        self._dialing.add(peer.node_id)
+        try:
+            for address in peer.addresses:
+                with trio.move_on_after(defaults.LAN_DIAL_TIMEOUT):
+                    try:
+                        conn = await self.endpoint.connect(peer.node_id, address)
+                    except (P2PSyncError, trio.BrokenResourceError, OSError) as exc:
+                        log.info("LAN peer %s not reachable at %s: %s", peer.node_id.short(),
+                                 address, exc)  # fmt: skip
+                        continue
+                    self._dialing.discard(peer.node_id)
+                    with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
+                        await self.run_link(conn, dialed=True, expected=peer.node_id,
+                                            address=address)  # fmt: skip
+                    return
+        finally:
+            self._dialing.discard(peer.node_id)
+
+    def _mdns_status(self, status: str) -> None:
+        self.mdns_status = status
+        log.info("%s", status)
+
     def add_peer(self, peer: StaticPeer) -> None:
         self._nursery.start_soon(self.dial_forever, peer)
+
+
+async def _start_mdns(node: Node, nursery: trio.Nursery) -> None:
+    from p2psync.discovery.mdns import Advert, MdnsConfig, run_mdns
+    from p2psync.discovery.tags import advert_tag, current_tags
+
+    store = node.store
+    advert = Advert(
+        node.node_id,
+        node.endpoint.local_address[1],
+        tag=lambda: advert_tag(store.keys, time.time()),
+    )
+    node.mdns_status = await nursery.start(
+        functools.partial(
+            run_mdns,
+            MdnsConfig(),
+            advert,
+            lambda: current_tags(store.keyring.values(), time.time()),
+            node._mdns_peer,
+            on_status=node._mdns_status,
+        )
+    )
+    log.info("%s", node.mdns_status)
 
 
 @asynccontextmanager
@@ -781,6 +865,8 @@ async def open_node(
             nursery.start_soon(node._accept_loop)
             for peer in options.peers:
                 node.add_peer(peer)
+            if options.mdns:
+                await _start_mdns(node, nursery)
             if options.control:
                 from p2psync.control.daemon import serve_control_for
 

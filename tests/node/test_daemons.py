@@ -44,7 +44,7 @@ class Daemon:
         log = (self.home / "daemon.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "p2psync.cli", "--home", str(self.home), "daemon",
-             "--listen", f"127.0.0.1:{self.port}", "--peer", self.peer],
+             "--listen", f"127.0.0.1:{self.port}", "--peer", self.peer, "--no-mdns"],
             stdout=log, stderr=log,
         )  # fmt: skip
         wait_for(lambda: (self.home / "control.sock").exists(), 15, "daemon socket")
