@@ -29,7 +29,7 @@ from relayd.config import (
     load_config_file,
     parse_host_port,
 )
-from relayd.server import serve
+from relayd.relay import serve
 
 log = logging.getLogger("relayd")
 
@@ -40,12 +40,14 @@ EXIT_CONFIG = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayd",
-        description="p2psync relay: STUN, (soon) QUIC relay, /health and /metrics.",
+        description="p2psync relay: STUN and QUIC relay on one UDP port, /health and /metrics.",
     )
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML config file")
     parser.add_argument("--listen", metavar="HOST:PORT", help="UDP address (QUIC + STUN)")
     parser.add_argument("--http", metavar="HOST:PORT", help="HTTP address (/health, /metrics)")
-    parser.add_argument("--data", metavar="DIR", help="state directory")
+    parser.add_argument(
+        "--data", metavar="DIR", help="state directory (keeps the relay identity; else ephemeral)"
+    )
     parser.add_argument(
         "--stun-alt-port", metavar="PORT", help="second UDP port answering STUN only"
     )
@@ -85,7 +87,7 @@ def _flag_address(flag: str, text: str) -> HostPort:
 
 
 async def run(config: RelaydConfig) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM or SIGINT (then tell relay clients and close, gracefully)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, config)

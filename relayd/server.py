@@ -12,10 +12,14 @@ demultiplexed by :func:`p2psync.net.stun.is_stun` (RFC 7983 style: STUN's
 first byte has the top bits ``00``, QUIC's has the fixed bit ``0x40``)::
 
     -> STUN Binding request        <- Binding success / error (RFC 8489)
-    -> anything else               handed to ``quic_datagram_handler``; until
-                                   the QUIC relay lands there is none, and the
-                                   datagram is dropped and counted as
+    -> anything else               handed to ``quic_datagram_handler``; without
+                                   one the datagram is dropped and counted as
                                    relayd_dropped_datagrams_total{reason="no-quic-handler"}
+
+With the QUIC relay (``relay=``, see :mod:`relayd.relay`) the relay's QUIC
+endpoint owns this socket instead: it reads every datagram, keeps QUIC and
+disco for itself and hands STUN to :meth:`_Relay.stun_from_relay`, which
+answers through the endpoint with the same limits and metrics.
 
 UDP ``stun_alt_port`` (optional, same host): STUN only. A node that sees
 different mappings from the two ports is behind a port-dependent ("hard",
@@ -42,12 +46,14 @@ and never contain payload bytes.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
 import socket as stdlib_socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -58,13 +64,39 @@ from relayd.config import HostPort, RelaydConfig
 from relayd.metrics import CONTENT_TYPE, Registry
 from relayd.state import LogGate, PerIpRateLimiter
 
-__all__ = ["BoundAddresses", "QuicDatagramHandler", "serve"]
+__all__ = ["BoundAddresses", "QuicDatagramHandler", "RelayPlugin", "serve"]
 
 log = logging.getLogger(__name__)
 
 # The QUIC relay plugs in here: called for every non-STUN datagram on the main
 # UDP port with (data, source, now). It must not block; it owns the reply path.
 QuicDatagramHandler = Callable[[bytes, tuple[str, int], float], None]
+StunHandler = Callable[[bytes, tuple[str, int]], None]
+
+
+class RelayPlugin(Protocol):
+    """The QUIC relay as this shell sees it (:class:`relayd.relay.QuicRelay`).
+
+    It owns the main UDP socket (its QUIC endpoint), passes STUN datagrams to
+    the handler set here, sends the replies, and reports its live counts.
+    """
+
+    @property
+    def node_id_text(self) -> str: ...
+
+    def udp_address(self) -> tuple[str, int]: ...
+
+    def set_stun_handler(self, handler: StunHandler) -> None: ...
+
+    def send_datagram(self, data: bytes, address: tuple[str, int]) -> None: ...
+
+    def live_counts(self) -> tuple[int, int]:
+        """(connections, authenticated nodes) right now."""
+        ...
+
+    def refresh_metrics(self) -> None:
+        """Bring the relay's metrics up to date (called before /metrics and /health)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +118,17 @@ def _version() -> str:
 class _Relay:
     """Per-instance state of the shell: pure limiters plus the metrics."""
 
-    def __init__(self, config: RelaydConfig, quic_handler: QuicDatagramHandler | None) -> None:
+    def __init__(
+        self,
+        config: RelaydConfig,
+        quic_handler: QuicDatagramHandler | None,
+        plugin: RelayPlugin | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         limits = config.limits
         self.config = config
         self.quic_handler = quic_handler
+        self.plugin = plugin
         self.started = trio.current_time()
         self.version = _version()
         self.stun_limiter = PerIpRateLimiter(
@@ -97,7 +136,7 @@ class _Relay:
         )
         self.log_gate = LogGate(limits.log_interval_s)
         self.http_active = 0
-        m = self.metrics = Registry(limits.metrics_max_label_sets)
+        m = self.metrics = registry or Registry(limits.metrics_max_label_sets)
         self.rx_datagrams = m.counter(
             "relayd_udp_datagrams_received_total", "UDP datagrams received.", ("port",)
         )
@@ -125,6 +164,9 @@ class _Relay:
         )
         self.connections = m.gauge("relayd_connections", "Live relay connections.")
         self.nodes = m.gauge("relayd_nodes", "Nodes with a live relay connection.")
+        if plugin is not None:
+            self.connections.set_function(lambda: plugin.live_counts()[0])
+            self.nodes.set_function(lambda: plugin.live_counts()[1])
         m.gauge("relayd_uptime_seconds", "Seconds since this relay started.").set_function(
             self.uptime
         )
@@ -163,23 +205,39 @@ class _Relay:
                     reason = "no-quic-handler" if port_label == "main" else "not-stun-on-alt-port"
                     self.dropped.inc(reason=reason)
                 continue
-            if not self.stun_limiter.allow(source[0], now):
-                self.stun_rate_limited.inc(port=port_label)
-                self.note("stun-rate-limit", "STUN rate limit hit by %s", source[0])
-                continue
-            reply = answer_binding(data, source)
+            reply = self.stun_reply(data, source, port_label, now)
             if reply is None:
-                self.dropped.inc(reason="stun-unanswerable")
                 continue
-            # The class bit C0 (0x0010) tells error (0x0111) from success (0x0101).
-            kind = "error" if reply[1] & 0x10 else "success"
             try:
                 await sock.sendto(reply, addr)
             except OSError as exc:
                 self.dropped.inc(reason="send-failed")
                 self.note("udp-send", "UDP send to %s failed: %s", source[0], exc.strerror)
                 continue
-            self.stun_responses.inc(port=port_label, kind=kind)
+            self.stun_responses.inc(port=port_label, kind=_stun_kind(reply))
+
+    def stun_reply(
+        self, data: bytes, source: tuple[str, int], port_label: str, now: float
+    ) -> bytes | None:
+        """The reply to a STUN datagram, or None (rate-limited or unanswerable, counted)."""
+        if not self.stun_limiter.allow(source[0], now):
+            self.stun_rate_limited.inc(port=port_label)
+            self.note("stun-rate-limit", "STUN rate limit hit by %s", source[0])
+            return None
+        reply = answer_binding(data, source)
+        if reply is None:
+            self.dropped.inc(reason="stun-unanswerable")
+        return reply
+
+    def stun_from_relay(self, data: bytes, source: tuple[str, int]) -> None:
+        """STUN that arrived on the relay's endpoint (the main port); reply through it."""
+        assert self.plugin is not None  # only installed as the plugin's STUN handler
+        self.rx_datagrams.inc(port="main")
+        self.rx_bytes.inc(len(data), port="main")
+        reply = self.stun_reply(data, source, "main", trio.current_time())
+        if reply is not None:
+            self.plugin.send_datagram(reply, source)
+            self.stun_responses.inc(port="main", kind=_stun_kind(reply))
 
     # --- HTTP -----------------------------------------------------------
 
@@ -230,16 +288,19 @@ class _Relay:
         if method not in ("GET", "HEAD"):
             return 405, "other", "text/plain", b"only GET and HEAD\n", False
         head_only = method == "HEAD"
+        if self.plugin is not None:
+            self.plugin.refresh_metrics()
         if path == "/health":
-            body = json.dumps(
-                {
-                    "status": "ok",
-                    "version": self.version,
-                    "uptime_s": round(self.uptime(), 3),
-                    "connections": int(self.connections.value()),
-                    "nodes": int(self.nodes.value()),
-                }
-            ).encode()
+            health: dict[str, object] = {
+                "status": "ok",
+                "version": self.version,
+                "uptime_s": round(self.uptime(), 3),
+                "connections": int(self.connections.samples()[0][1]),
+                "nodes": int(self.nodes.samples()[0][1]),
+            }
+            if self.plugin is not None:
+                health["relay_node_id"] = self.plugin.node_id_text
+            body = json.dumps(health).encode()
             return 200, "/health", "application/json", body + b"\n", head_only
         if path == "/metrics":
             return 200, "/metrics", CONTENT_TYPE, self.metrics.render().encode(), head_only
@@ -275,6 +336,11 @@ class _Relay:
                 chunk := await stream.receive_some(16 * 1024)
             ):
                 drained += len(chunk)
+
+
+def _stun_kind(reply: bytes) -> str:
+    # The class bit C0 (0x0010) tells error (0x0111) from success (0x0101).
+    return "error" if reply[1] & 0x10 else "success"
 
 
 class _RequestTooLarge(Exception):
@@ -332,16 +398,26 @@ async def serve(
     config: RelaydConfig,
     *,
     quic_datagram_handler: QuicDatagramHandler | None = None,
+    relay: RelayPlugin | None = None,
+    registry: Registry | None = None,
     task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind every socket, report :class:`BoundAddresses`, serve until cancelled.
 
+    With ``relay`` the main UDP port is the relay's (already bound) and STUN
+    arrives through it; ``registry`` lets the relay's metrics share /metrics.
     Bind failures raise :class:`~p2psync.errors.ConfigError` before
     ``task_status.started``.
     """
-    relay = _Relay(config, quic_datagram_handler)
-    udp = await _open_udp(config.listen.host, config.listen.port)
-    with udp:
+    shell = _Relay(config, quic_datagram_handler, relay, registry)
+    udp: trio.socket.SocketType | None = None
+    if relay is None:
+        udp = await _open_udp(config.listen.host, config.listen.port)
+        udp_bound = _bound(udp)
+    else:
+        udp_bound = HostPort(*relay.udp_address())
+        relay.set_stun_handler(shell.stun_from_relay)
+    with udp if udp is not None else contextlib.nullcontext():
         alt: trio.socket.SocketType | None = None
         if config.stun_alt_port is not None:
             alt = await _open_udp(config.listen.host, config.stun_alt_port)
@@ -354,20 +430,22 @@ async def serve(
                     "choose another --http address or port"
                 ) from None
             bound = BoundAddresses(
-                udp=_bound(udp),
+                udp=udp_bound,
                 stun_alt=_bound(alt) if alt is not None else None,
                 http=_bound(listeners[0].socket),
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(relay.udp_loop, udp, "main")
+                if udp is not None:
+                    nursery.start_soon(shell.udp_loop, udp, "main")
                 if alt is not None:
-                    nursery.start_soon(relay.udp_loop, alt, "alt")
-                await nursery.start(trio.serve_listeners, relay.handle_http, listeners)
+                    nursery.start_soon(shell.udp_loop, alt, "alt")
+                await nursery.start(trio.serve_listeners, shell.handle_http, listeners)
                 log.info(
-                    "relayd ready: udp=%s stun-alt=%s http=%s",
+                    "relayd ready: udp=%s stun-alt=%s http=%s%s",
                     bound.udp,
                     bound.stun_alt or "off",
                     bound.http,
+                    f" relay={relay.node_id_text}" if relay is not None else "",
                 )
                 task_status.started(bound)
         finally:

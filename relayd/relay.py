@@ -1,0 +1,669 @@
+"""The QUIC relay of relayd: a trio shell around :class:`relayd.routing.Router`.
+
+:func:`serve` is relayd's entry point. It opens one QUIC endpoint
+(:mod:`p2psync.net.endpoint`, ALPN ``p2psync-relay/1``) on the main UDP
+port — the endpoint's STUN hook hands STUN to :mod:`relayd.server`, so QUIC,
+disco and STUN share **one** socket — and runs the HTTP listener and the
+optional STUN alternate port through :func:`relayd.server.serve`.
+
+Per QUIC connection (wire format: :mod:`p2psync.proto.relay`)::
+
+    accept  -> count it (total / per source IP)   full: close with SERVER_FULL
+            -> wait for the node's stream          handshake_timeout_s
+    reader  -> frames -> decode_node_to_relay_untrusted -> Router.receive
+               (deadline: handshake_timeout_s until WELCOME, then idle_timeout_s
+               from the last frame; a bad frame or a timeout -> Router.fail)
+    writer  <- Router.take (control first, then relayed frames), one send_all
+               per batch bounded by write_timeout_s: a node that does not read
+               is cut (WRITE_TIMEOUT); meanwhile its queue drops oldest, so a
+               slow node never stalls anyone else.
+    close   <- ERROR, then FIN; the node hangs up, or we close with the same
+               code as the QUIC application error after CLOSE_GRACE_S.
+
+Identity: relayd has its own Ed25519 identity (its NodeId is the QUIC
+certificate key nodes pin). With ``--data DIR`` it is kept in
+``DIR/relay_identity.key`` (msgpack ``[1, seed bin32]``, mode 0600, written
+atomically; created on first start) so the NodeId survives restarts; without
+a data directory it is ephemeral and changes on every start. The NodeId is
+printed in the "relayd ready" log line and served as ``relay_node_id`` in
+``/health``.
+
+Shutdown: cancelling :func:`serve` (relayd's SIGTERM) stops accepting, sends
+ERROR(SHUTTING_DOWN) to every connection, waits up to SHUTDOWN_GRACE_S for
+them to go, then closes the endpoint (CONNECTION_CLOSE to the rest). The
+relay's part runs shielded so the goodbye can still be sent; it is bounded.
+
+Logs never contain payload bytes; every refusal is a metric and at most one
+log line per reason per ``log_interval_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from p2psync.crypto.identity import SEED_SIZE, Identity, NodeId
+from p2psync.errors import BadFrame, ConfigError
+from p2psync.net.endpoint import (
+    Connection,
+    Endpoint,
+    EndpointConfig,
+    ResourceClosed,
+    Stream,
+    open_endpoint,
+)
+from p2psync.net.stun import is_stun
+from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
+from p2psync.proto.relay import (
+    RELAY_ALPN,
+    Address,
+    FrameDecoder,
+    FrameTooLarge,
+    NodeIdCache,
+    RelayErrorCode,
+    decode_node_to_relay_untrusted,
+    encode_frame,
+    max_frame_for,
+)
+from relayd import server
+from relayd.config import HostPort, RelaydConfig
+from relayd.metrics import Counter, Registry
+from relayd.routing import AccessPolicy, AuthFailure, DropReason, Router, RoutingLimits
+from relayd.state import ConnectionCounter, LogGate
+
+__all__ = [
+    "IDENTITY_FILE",
+    "QuicRelay",
+    "RelaydAddresses",
+    "load_or_create_identity",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE: Final = "relay_identity.key"
+_KEYFILE_VERSION: Final = 1
+
+# After a fatal ERROR the node should hang up at once; a node that does not
+# is closed this long after the ERROR was written.
+CLOSE_GRACE_S: Final = 1.0
+# On shutdown, connections get this long to take their ERROR and go.
+SHUTDOWN_GRACE_S: Final = 2.0
+# Messages written per send_all: amortises the stream call without letting
+# one batch grow beyond ~4 MiB (64 x 64 KiB payloads).
+WRITE_BATCH: Final = 64
+# QUIC connections beyond max_connections that may be mid-handshake; the
+# relay's own count (with its explicit SERVER_FULL) applies to the rest.
+HANDSHAKE_SLACK: Final = 64
+# Handshaken connections waiting for the accept loop; the loop only spawns a
+# task each, so this absorbs a reconnect storm after a restart.
+ACCEPT_BACKLOG: Final = 1024
+# The node opens one stream; one spare keeps a racing retry from being refused.
+MAX_STREAMS_PER_CONNECTION: Final = 2
+
+_STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
+
+
+@dataclass(frozen=True, slots=True)
+class RelaydAddresses:
+    """What :func:`serve` bound, and the relay's NodeId (which nodes pin)."""
+
+    udp: HostPort
+    stun_alt: HostPort | None
+    http: HostPort
+    node_id: NodeId
+
+
+# --- identity -------------------------------------------------------------------------
+
+
+def load_or_create_identity(
+    data_dir: str | None, random_bytes: Callable[[int], bytes] = os.urandom
+) -> tuple[Identity, bool]:
+    """(identity, created): from ``DATA/relay_identity.key``, made there if missing.
+
+    Without a data directory the identity is new each time (``created`` True).
+    """
+    if data_dir is None:
+        return Identity.generate(random_bytes), True
+    directory = Path(data_dir)
+    path = directory / IDENTITY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the relay identity: {exc.strerror}") from None
+    else:
+        try:
+            items = as_list(unpack_untrusted(data, max_size=256), IDENTITY_FILE, length=2)
+            as_int(items[0], "version", lo=_KEYFILE_VERSION, hi=_KEYFILE_VERSION)
+            seed = as_bytes(items[1], "seed", size=SEED_SIZE)
+        except BadFrame as exc:
+            raise ConfigError(
+                f"{path} is damaged ({exc}); restore it from a backup, or delete it "
+                "to make a new relay identity (nodes pinning the old NodeId must be updated)"
+            ) from None
+        return Identity.from_seed(seed), False
+    identity = Identity.generate(random_bytes)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(path, pack([_KEYFILE_VERSION, identity.seed]))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the relay identity: {exc.strerror}") from None
+    return identity, True
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Atomically create ``path`` with ``data``, owner-only from the first byte."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# --- per-connection state --------------------------------------------------------------
+
+
+class _Session:
+    """One node's connection: the router's handle (hashed by identity)."""
+
+    __slots__ = (
+        "close_code",
+        "conn",
+        "ip",
+        "log",
+        "read_scope",
+        "stream",
+        "wake",
+    )
+
+    def __init__(self, conn: Connection, stream: Stream, ip: str) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.ip = ip
+        self.wake = trio.Event()
+        self.read_scope: trio.CancelScope | None = None
+        self.close_code: RelayErrorCode | None = None
+        self.log = logging.LoggerAdapter(log, {"peer": ip})
+
+    def __repr__(self) -> str:
+        return f"<relay session {self.ip}>"
+
+
+# --- the relay ------------------------------------------------------------------------
+
+
+class QuicRelay:
+    """Accepts node connections on ``endpoint`` and runs them against one Router."""
+
+    def __init__(
+        self,
+        config: RelaydConfig,
+        endpoint: Endpoint,
+        identity: Identity,
+        *,
+        policy: AccessPolicy | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        limits = config.limits
+        self.config = config
+        self.endpoint = endpoint
+        self.node_id = identity.node_id
+        self.router: Router[_Session] = Router(
+            identity.node_id,
+            RoutingLimits(
+                frames_per_second=limits.frames_per_second,
+                frame_burst=limits.frame_burst,
+                bytes_per_second=limits.bytes_per_second,
+                byte_burst=limits.byte_burst,
+                max_payload=limits.max_frame_size,
+                queue_per_destination=limits.queue_per_destination,
+            ),
+            os.urandom,
+            policy,
+        )
+        self.max_frame = max_frame_for(limits.max_frame_size)
+        self.node_ids = NodeIdCache(min(limits.max_connections * 2, 1 << 16))
+        self.counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+        self.log_gate = LogGate(limits.log_interval_s)
+        self.sessions: set[_Session] = set()
+        self._stun_handler: server.StunHandler | None = None
+        self._stopping = False
+        self._all_gone = trio.Event()
+        self._stopped = trio.Event()
+        self._register_metrics(registry or Registry(limits.metrics_max_label_sets))
+        _pass_classic_stun(endpoint, self._classic_stun)
+
+    # --- server.RelayPlugin ---------------------------------------------------------
+
+    @property
+    def node_id_text(self) -> str:
+        return str(self.node_id)
+
+    def udp_address(self) -> tuple[str, int]:
+        return self.endpoint.local_address
+
+    def set_stun_handler(self, handler: server.StunHandler) -> None:
+        self._stun_handler = handler
+        self.endpoint.set_stun_handler(handler)
+
+    def send_datagram(self, data: bytes, address: tuple[str, int]) -> None:
+        with contextlib.suppress(ResourceClosed):
+            self.endpoint.send_datagram(data, address)
+
+    def live_counts(self) -> tuple[int, int]:
+        return self.counter.total, self.router.nodes
+
+    def refresh_metrics(self) -> None:
+        """Copy the router's and endpoint's counters into the registry's counters."""
+        counters = self.router.counters
+        _sync(self.m_frames, counters.frames_relayed)
+        _sync(self.m_bytes, counters.bytes_relayed)
+        for reason, value in counters.drops.items():
+            _sync(self.m_drops, value, reason=reason.value)
+        _sync(self.m_auths, counters.auths_ok, result="ok")
+        for failure, value in counters.auths_failed.items():
+            _sync(self.m_auths, value, result=failure.value)
+        _sync(self.m_lookups, counters.lookups_found, result="found")
+        _sync(self.m_lookups, counters.lookups - counters.lookups_found, result="not-found")
+        _sync(self.m_replaced, counters.replaced)
+        _sync(self.m_protocol_errors, counters.protocol_errors)
+        stats = self.endpoint.stats
+        _sync(self.m_quic_rx, stats.datagrams_received)
+        _sync(self.m_quic_tx, stats.datagrams_sent)
+        _sync(self.m_quic_dropped, stats.dropped_malformed, reason="malformed")
+        _sync(self.m_quic_dropped, stats.dropped_unknown_connection, reason="unknown-connection")
+        _sync(self.m_quic_dropped, stats.refused_connections, reason="refused-connection")
+        _sync(self.m_quic_dropped, stats.dropped_send_errors, reason="send-error")
+
+    def _register_metrics(self, registry: Registry) -> None:
+        self.registry = m = registry
+        self.m_accepted = m.counter(
+            "relayd_relay_connections_total", "QUIC relay connections accepted."
+        )
+        self.m_refused = m.counter(
+            "relayd_relay_connections_refused_total",
+            "QUIC relay connections refused by a limit.",
+            ("reason",),
+        )
+        self.m_closed = m.counter(
+            "relayd_relay_closes_total", "Relay connections the relay ended, by code.", ("code",)
+        )
+        self.m_auths = m.counter("relayd_auths_total", "Relay AUTH attempts.", ("result",))
+        self.m_frames = m.counter("relayd_relayed_frames_total", "Frames relayed.")
+        self.m_bytes = m.counter("relayd_relayed_bytes_total", "Payload bytes relayed.")
+        self.m_drops = m.counter(
+            "relayd_relay_drops_total", "Relay frames not delivered.", ("reason",)
+        )
+        self.m_lookups = m.counter("relayd_lookups_total", "LOOKUP requests.", ("result",))
+        self.m_replaced = m.counter(
+            "relayd_relay_replaced_total", "Connections replaced by a newer one of the same node."
+        )
+        self.m_protocol_errors = m.counter(
+            "relayd_relay_protocol_errors_total", "Malformed or out-of-order relay frames."
+        )
+        self.m_quic_rx = m.counter(
+            "relayd_quic_datagrams_received_total", "Datagrams read by the relay's endpoint."
+        )
+        self.m_quic_tx = m.counter(
+            "relayd_quic_datagrams_sent_total", "Datagrams sent by the relay's endpoint."
+        )
+        self.m_quic_dropped = m.counter(
+            "relayd_quic_datagrams_dropped_total",
+            "Datagrams the relay's endpoint dropped (in or out).",
+            ("reason",),
+        )
+        self.m_log_suppressed = m.counter(
+            "relayd_relay_log_lines_suppressed_total",
+            "Relay log lines suppressed by the per-reason rate limit.",
+        )
+        for reason in DropReason:
+            self.m_drops.inc(0, reason=reason.value)
+        for failure in AuthFailure:
+            self.m_auths.inc(0, result=failure.value)
+        self.m_auths.inc(0, result="ok")
+
+    def _classic_stun(self, data: bytes, source: Address) -> None:
+        if self._stun_handler is not None:
+            self._stun_handler(data, source)
+
+    def _note(self, reason: str, message: str, *args: object) -> None:
+        """Log ``message`` at most once per interval per reason (never payloads)."""
+        suppressed = self.log_gate.check(reason, trio.current_time())
+        if suppressed is None:
+            self.m_log_suppressed.inc()
+        else:
+            log.warning(message + " (%d similar suppressed)", *args, suppressed)
+
+    # --- accepting ------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve connections until :meth:`stop` has finished."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, nursery)
+            task_status.started()
+            await self._stopped.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                conn = await self.endpoint.accept()
+            except ResourceClosed:
+                return
+            nursery.start_soon(self._serve_connection, conn)
+
+    async def stop(self) -> None:
+        """ERROR(SHUTTING_DOWN) to everyone, wait (bounded) for them to go, end :meth:`run`."""
+        self._stopping = True
+        self._wake(self.router.shutdown())
+        if self.sessions:
+            with trio.move_on_after(SHUTDOWN_GRACE_S):
+                await self._all_gone.wait()
+        self._stopped.set()
+
+    # --- one connection ---------------------------------------------------------------
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        limits = self.config.limits
+        if self._stopping:
+            await conn.aclose(RelayErrorCode.SHUTTING_DOWN, "relay is shutting down")
+            return
+        observed = _observed_address(self.endpoint, conn)
+        ip = observed[0] if observed is not None else "unknown"
+        refusal = self.counter.try_add(ip)
+        if refusal is not None:
+            self.m_refused.inc(reason=refusal.value)
+            self._count_close(RelayErrorCode.SERVER_FULL)
+            self._note(refusal.value, "refusing relay connection from %s: %s", ip, refusal.value)
+            await conn.aclose(RelayErrorCode.SERVER_FULL, f"relay full ({refusal.value})")
+            return
+        self.m_accepted.inc()
+        session: _Session | None = None
+        try:
+            started = trio.current_time()
+            with trio.move_on_after(limits.handshake_timeout_s):
+                stream = await conn.accept_stream()
+                session = _Session(conn, stream, ip)
+            if session is None:
+                self._count_close(RelayErrorCode.TIMEOUT)
+                await conn.aclose(RelayErrorCode.TIMEOUT, "no relay stream in time")
+                return
+            self.router.open(session, observed, trio.current_time())
+            self.sessions.add(session)
+            if self._stopping:  # stop() ran while this one was handshaking
+                self._wake(self.router.fail(session, RelayErrorCode.SHUTTING_DOWN, "shutting down"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, session)
+                await self._reader(session, started)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection broke under us: the finally cleans up
+        finally:
+            if session is not None:
+                self.router.close(session, trio.current_time())
+                self.sessions.discard(session)
+                if self._stopping and not self.sessions:
+                    self._all_gone.set()
+            self.counter.remove(ip)
+            code = session.close_code if session is not None else None
+            with trio.CancelScope(shield=True):
+                if code is not None:
+                    await conn.aclose(code, _label(code))
+                else:
+                    await conn.aclose()
+
+    async def _reader(self, session: _Session, started: float) -> None:
+        """Read frames into the router until the node goes or the session is over.
+
+        Deadlines: the handshake, then idle time. Once the router is closing
+        the session, the reader only discards, until the node hangs up or the
+        writer's grace period (set by :meth:`_end_reading`) runs out.
+        """
+        limits = self.config.limits
+        router = self.router
+        decoder = FrameDecoder(self.max_frame)
+        stream = session.stream
+        authenticated = False
+        deadline = started + limits.handshake_timeout_s
+        while True:
+            with trio.CancelScope(deadline=deadline) as scope:
+                session.read_scope = scope
+                while True:
+                    try:
+                        data = await stream.receive_some()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    if not data:
+                        return  # the node finished its side
+                    if router.closing(session):
+                        continue  # discard until the node hangs up or grace ends
+                    now = trio.current_time()
+                    try:
+                        decoder.feed(data)
+                        while (body := decoder.next_frame()) is not None:
+                            message = decode_node_to_relay_untrusted(
+                                body, max_frame=self.max_frame, node_ids=self.node_ids
+                            )
+                            self._wake(router.receive(session, message, now))
+                    except FrameTooLarge as exc:
+                        self._fail(session, RelayErrorCode.FRAME_TOO_LARGE, str(exc))
+                    except BadFrame as exc:
+                        self._fail(session, RelayErrorCode.PROTOCOL_ERROR, str(exc))
+                    if router.closing(session):
+                        # The writer shortens this once the ERROR is out.
+                        scope.deadline = now + limits.write_timeout_s + CLOSE_GRACE_S
+                    elif authenticated or router.node_of(session) is not None:
+                        authenticated = True
+                        scope.deadline = now + limits.idle_timeout_s
+            if router.closing(session) or session.close_code is not None:
+                return  # grace is over
+            what = "idle for too long" if authenticated else "relay handshake not finished in time"
+            self._fail(session, RelayErrorCode.TIMEOUT, what)
+            deadline = trio.current_time() + limits.write_timeout_s + CLOSE_GRACE_S
+
+    def _fail(self, session: _Session, code: RelayErrorCode, reason: str) -> None:
+        session.log.debug("relay connection failed: %s", reason)
+        self._note(f"fail-{code.name}", "relay connection from %s: %s", session.ip, reason)
+        self._wake(self.router.fail(session, code, reason))
+
+    async def _writer(self, session: _Session) -> None:
+        """Drain the router's queue for ``session`` to its stream, bounded per write."""
+        router = self.router
+        stream = session.stream
+        write_timeout = self.config.limits.write_timeout_s
+        try:
+            while True:
+                messages, close_code = router.take(session, WRITE_BATCH)
+                if not messages and close_code is None:
+                    session.wake = trio.Event()
+                    await session.wake.wait()
+                    continue
+                if messages:
+                    data = b"".join([encode_frame(message) for message in messages])
+                    with trio.move_on_after(write_timeout) as scope:
+                        await stream.send_all(data)
+                    if scope.cancelled_caught:
+                        router.write_timed_out(session)
+                        session.close_code = RelayErrorCode.WRITE_TIMEOUT
+                        self._count_close(RelayErrorCode.WRITE_TIMEOUT)
+                        self._note("write-timeout", "relay node at %s does not read", session.ip)
+                        self._end_reading(session, 0.0)
+                        return
+                if close_code is not None:
+                    session.close_code = close_code
+                    self._count_close(close_code)
+                    if close_code in (RelayErrorCode.BAD_AUTH, RelayErrorCode.NOT_ALLOWED):
+                        self._note("auth", "relay auth refused from %s", session.ip)
+                    await stream.send_eof()
+                    self._end_reading(session, CLOSE_GRACE_S)
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end_reading(session, 0.0)
+
+    def _end_reading(self, session: _Session, grace: float) -> None:
+        scope = session.read_scope
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + grace)
+
+    def _count_close(self, code: RelayErrorCode) -> None:
+        self.m_closed.inc(code=_label(code))
+
+    def _wake(self, handles: list[_Session]) -> None:
+        for handle in handles:
+            handle.wake.set()
+
+
+def _label(code: RelayErrorCode) -> str:
+    return code.name.lower().replace("_", "-")
+
+
+def _sync(counter: Counter, value: float, **labels: str) -> None:
+    """Raise ``counter`` to ``value`` (the router's counters only go up)."""
+    delta = value - counter.value(**labels)
+    if delta > 0:
+        counter.inc(delta, **labels)
+
+
+def _observed_address(endpoint: Endpoint, conn: Connection) -> Address | None:
+    """The node's public UDP address as this relay sees it.
+
+    The dialer's disco PING maps its source address to its NodeId before
+    the QUIC Initial, so QUIC only knows a virtual address; the path table
+    knows the real one. Without that mapping the connection keeps the real
+    address. (The endpoint has no public accessor for either yet.)
+    """
+    node_id = conn.their_node_id
+    if node_id is not None:
+        return endpoint.paths.send_address(node_id, trio.current_time())
+    address = getattr(conn, "_peer_address", None)
+    if isinstance(address, tuple) and len(address) == 2:
+        return (str(address[0]), int(address[1]))
+    return None
+
+
+def _pass_classic_stun(endpoint: Endpoint, handler: Callable[[bytes, Address], None]) -> None:
+    """Let classic RFC 3489 Binding requests (no magic cookie) reach the STUN handler.
+
+    The endpoint drops STUN datagrams without the RFC 8489 cookie, but the
+    issue requires relayd to answer classic clients (Debian's ``stun``,
+    pystun3). Until the endpoint grows an option for it, wrap its private
+    STUN dispatch on this one instance: cookie-less datagrams that
+    :func:`p2psync.net.stun.is_stun` accepts go to ``handler``, everything
+    else takes the endpoint's own path.
+    """
+    original = getattr(endpoint, "_stun_received", None)
+    if original is None:
+        log.warning("endpoint has no STUN dispatch to extend; classic STUN clients unanswered")
+        return
+
+    def stun_received(data: bytes, source: tuple[str, int]) -> None:
+        if len(data) >= 20 and data[4:8] != _STUN_COOKIE and is_stun(data):
+            endpoint.stats.stun_received += 1
+            handler(data, (str(source[0]), int(source[1])))
+        else:
+            original(data, source)
+
+    setattr(endpoint, "_stun_received", stun_received)  # noqa: B010 -- instance override
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _open_relay_endpoint(config: RelaydConfig, identity: Identity) -> AsyncIterator[Endpoint]:
+    limits = config.limits
+    endpoint_config = EndpointConfig(
+        bind_host=config.listen.host,
+        bind_port=config.listen.port,
+        alpn=(RELAY_ALPN,),
+        idle_timeout=limits.idle_timeout_s,
+        max_connections=limits.max_connections + HANDSHAKE_SLACK,
+        accept_backlog=ACCEPT_BACKLOG,
+        max_incoming_streams=MAX_STREAMS_PER_CONNECTION,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            endpoint = await stack.enter_async_context(open_endpoint(identity, endpoint_config))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"cannot listen on UDP {config.listen}: {reason}; choose another address or port"
+            ) from None
+        yield endpoint
+
+
+async def serve(
+    config: RelaydConfig,
+    *,
+    identity: Identity | None = None,
+    policy: AccessPolicy | None = None,
+    task_status: trio.TaskStatus[RelaydAddresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run relayd — QUIC relay and STUN on one UDP port, HTTP — until cancelled.
+
+    ``identity`` defaults to :func:`load_or_create_identity` on
+    ``config.data_dir``; ``policy`` (allow-list, access token) to open.
+    Bind failures raise :class:`~p2psync.errors.ConfigError` before
+    ``task_status.started``. Cancellation is the graceful shutdown (module
+    docstring); it takes at most about ``SHUTDOWN_GRACE_S``.
+    """
+    created = False
+    if identity is None:
+        identity, created = load_or_create_identity(config.data_dir)
+    relay_identity = identity
+    stop = trio.Event()
+
+    async def run_shielded(task_status: trio.TaskStatus[RelaydAddresses]) -> None:
+        # Shielded so the endpoint keeps running while we say goodbye; ``stop``
+        # (set when serve() is cancelled) ends it, within SHUTDOWN_GRACE_S.
+        with trio.CancelScope(shield=True):
+            async with _open_relay_endpoint(config, relay_identity) as endpoint:
+                relay = QuicRelay(config, endpoint, relay_identity, policy=policy)
+                async with trio.open_nursery() as nursery:
+                    bound: server.BoundAddresses = await nursery.start(
+                        partial(server.serve, config, relay=relay, registry=relay.registry)
+                    )
+                    await nursery.start(relay.run)
+                    task_status.started(
+                        RelaydAddresses(
+                            bound.udp, bound.stun_alt, bound.http, relay_identity.node_id
+                        )
+                    )
+                    if config.data_dir is None:
+                        log.info("relay identity is ephemeral (no --data directory)")
+                    elif created:
+                        log.info(
+                            "new relay identity saved in %s", Path(config.data_dir) / IDENTITY_FILE
+                        )
+                    await stop.wait()
+                    log.info("relay shutting down: telling %d connections", len(relay.sessions))
+                    await relay.stop()
+                    nursery.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            addresses: RelaydAddresses = await nursery.start(run_shielded)
+            task_status.started(addresses)
+            try:
+                await trio.sleep_forever()
+            finally:
+                stop.set()
+    except BaseExceptionGroup as group:
+        # One failure (a bind error, say): raise it as itself, not as a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
