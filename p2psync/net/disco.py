@@ -38,6 +38,12 @@ on the shared socket, first byte ``b0``:
   Fixed Bit arbitrary), and its bytes 1..5 are the version 0x00000000,
   which MAGIC's bytes 1..5 are not.
 
+Over the relay the same datagram bytes travel as a relay payload (see
+:mod:`.endpoint`); the shell drops one whose sealed sender is not the
+relay's authenticated source. A PONG to a relayed PING carries the pinger's
+relay pseudo-address (its virtual address, port 0) as the observed address:
+it validates no direct path and says nothing about our public address.
+
 Limits: messages are tiny and fixed size per type; anything else is dropped
 and counted (:class:`DiscoCounters`). Shared keys (``crypto_box_beforenm``)
 are cached per peer in a bounded LRU so a flood of PINGs from one peer costs

@@ -33,10 +33,41 @@ address first and waits (bounded) for a PONG, so the acceptor already maps
 that source address to the dialer's NodeId when the Initial arrives and
 creates the connection with the dialer's virtual address. Datagrams of a
 connection with a known peer are always fed to QUIC with its virtual
-address; outgoing ones go wherever :meth:`PathTable.send_address` says.
+address, whichever path they came by; each outgoing one goes wherever
+:meth:`PathTable.route` says at that moment (a direct address or the relay).
 A connection from an unmapped source keeps the real address and
 ``their_node_id is None``. The acceptor-side NodeId is a routing hint learnt
-from disco, not proof: the node protocol's HELLO authenticates the dialer.
+from disco (or from the relay, below), not proof: the node protocol's HELLO
+authenticates the dialer.
+
+Relay paths: the endpoint does not speak to relayd itself. The relay
+client hands it two hooks: :meth:`Endpoint.set_relay` gives a
+**non-blocking** ``send(dst, payload) -> bool`` (False, or an exception:
+the datagram is dropped and counted in ``relay_dropped``; QUIC's loss
+recovery retransmits, as for a full socket buffer), and the client's
+receive task calls :meth:`Endpoint.receive_relayed` with each
+``(src, payload)`` it gets. A relayed payload is **exactly the UDP payload**
+a direct path would carry (a QUIC packet or a disco message, never STUN),
+so it is demultiplexed by the same first-byte rule:
+
+- QUIC -> its connection by connection id, fed with ``src``'s virtual
+  address; a packet for a connection of another peer is dropped; a
+  full-size Initial creates a server connection whose ``their_node_id`` is
+  ``src`` (the relay authenticated ``src``; still only a routing hint);
+- disco -> the disco handler with source = ``src``'s relay pseudo-address
+  (its virtual address): a PING is answered over the relay and teaches no
+  direct path, a PONG validates nothing.
+
+Then the driver is kicked to flush output, as after a socket read. Per
+outgoing datagram the path table picks a validated direct address, else the
+relay (if set), else (no relay) today's optimistic direct address; direct
+ones are batched/GSO'd as below, relayed ones are one hook call each.
+While a relay is set the endpoint also sends the disco pings
+:meth:`PathTable.pings_due` asks for: after sending to a peer (keep-alive
+of the direct path, re-probing candidates while relayed: relay -> direct
+upgrade) and on an authenticated PING (ping back, so the acceptor's side
+of a direct path is validated too). :attr:`Connection.path` tells which
+path the connection's last datagram took.
 
 Dialer authentication: see :mod:`.tls`. The certificate is checked after
 every datagram fed to a dialing connection and before ``connect`` returns.
@@ -76,16 +107,30 @@ unidirectional streams (peers get MAX_STREAMS_UNI = 0); a stream the
 application never closes (``aclose()``) stays in its connection's table until the
 connection ends; connections we closed linger (for CONNECTION_CLOSE
 retransmission) for aioquic's closing period and count against
-``max_connections`` meanwhile.
+``max_connections`` meanwhile. Relay paths: no CALL_ME_MAYBE yet (the peer
+learns our candidates only from our pings, so relay -> direct upgrades
+come from the side that has the other's address); keep-alive and re-probe
+pings are traffic-driven (an idle connection's direct path lapses after
+``PATHS_VALIDITY`` and its next datagram goes relayed until a pong);
+``set_relay`` must be told the relay server's NodeId or the relay
+connection itself could be routed through the relay once its direct path
+lapses.
 
 Wire (this module adds nothing to QUIC v1, RFC 9000/9001), dialer's view::
 
     -> disco PING(tx)                      (up to 3, 200 ms apart, see disco.py)
-    <- disco PONG(tx, our observed address) (or none within 1 s: go on anyway)
+    <- disco PONG(tx, our observed address) (or none within 1 s: go on anyway,
+                                            over the relay if one is set)
+    <- disco PING(tx') (acceptor pings back while it has a relay)
+    -> disco PONG(tx', observed address)
     -> QUIC Initial (ALPN p2psync/1, no SNI)
     <- Initial + Handshake (certificate = the NodeId's key, CertificateVerify)
        [dialer: certificate key == dialed NodeId, else CONNECTION_CLOSE 0x12a]
     -> Handshake Finished, then 1-RTT streams
+
+Over the relay each of these datagrams is one relay frame ``{dst, payload}``
+whose payload is the unchanged UDP payload; dialing with ``address=None``
+skips the disco PINGs.
 
 Use::
 
@@ -113,7 +158,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import trio
 from aioquic._buffer import Buffer
@@ -146,11 +191,15 @@ from p2psync.defaults import (
 )
 from p2psync.net import tls
 from p2psync.net.disco import BadDisco, Disco, Ping, Pong, is_disco
-from p2psync.net.paths import Address, PathState, PathTable
+from p2psync.net.paths import RELAY, Address, PathState, PathTable, Route
 
 logger = logging.getLogger(__name__)
 
 StunHandler = Callable[[bytes, Address], None]
+# Hand one datagram for a peer to the relay without blocking; False if it was not taken.
+RelaySend = Callable[[NodeId, bytes], bool]
+# Which path a connection's last datagram took ("none" before the first one).
+PathKind = Literal["direct", "relay", "none"]
 
 # Linux UDP GSO/GRO (include/uapi/linux/udp.h); Python 3.11 does not export these.
 SOL_UDP: Final = 17
@@ -252,6 +301,12 @@ class EndpointStats:
     stun_received: int = 0
     disco_received: int = 0
     receive_batches: int = 0
+    dropped_no_path: int = 0  # a peer's datagram with no direct address and no relay
+    relay_datagrams_sent: int = 0  # handed to the relay hook and taken
+    relay_bytes_sent: int = 0
+    relay_datagrams_received: int = 0  # given to receive_relayed
+    relay_bytes_received: int = 0
+    relay_dropped: int = 0  # the relay hook refused (queue full, relay down) or was unset
 
 
 # -- aioquic with application-driven flow control --------------------------------
@@ -610,6 +665,8 @@ class Connection(trio.abc.AsyncResource):
             endpoint.config.max_incoming_streams
         )
         self._stats = ConnectionStats()
+        self._path: PathKind = "none"
+        self._remote_address: Address | None = None
         known = their_node_id or expected_node_id
         who = known.short() if known is not None else peer_address
         self.log = _PeerLog(logger, {"peer": str(who)})
@@ -618,6 +675,16 @@ class Connection(trio.abc.AsyncResource):
         who = self.their_node_id.short() if self.their_node_id else self._peer_address
         role = "dialer" if self.is_dialer else "acceptor"
         return f"<Connection {role} peer={who}>"
+
+    @property
+    def path(self) -> PathKind:
+        """The path of the last datagram sent: ``"direct"``, ``"relay"`` (``"none"`` before)."""
+        return self._path
+
+    @property
+    def remote_address(self) -> Address | None:
+        """The real UDP address the last datagram went to; None while relayed."""
+        return self._remote_address
 
     @property
     def stats(self) -> ConnectionStats:
@@ -848,6 +915,7 @@ class Endpoint:
         )
         self._pong_lot = trio.lowlevel.ParkingLot()
         self._stun_handler: StunHandler | None = None
+        self._relay_send: RelaySend | None = None
         self.stats.gso = config.use_gso and _gso_supported(sock)
         self.stats.gro = config.use_gro and _enable_gro(sock)
 
@@ -865,12 +933,80 @@ class Endpoint:
         self._check_open()
         self._send_run([data], address, len(data))
 
-    async def connect(self, node_id: NodeId, address: Address) -> Connection:
+    def set_relay(self, send: RelaySend | None, *, relay_node_id: NodeId | None = None) -> None:
+        """Use ``send(dst, payload) -> bool`` as the relay path (None: no relay).
+
+        ``send`` must not block: it queues the datagram (bounded) and returns
+        False, or raises, when it cannot (queue full, relay down); the datagram
+        is then dropped and counted and QUIC retransmits. ``relay_node_id``
+        is the relay server's NodeId: its own connection is never routed
+        through the relay. Takes effect from the next datagram.
+        """
+        self._relay_send = send
+        self.paths.set_relay(send is not None, relay_node_id)
+
+    def receive_relayed(self, src: NodeId, payload: bytes) -> None:
+        """A datagram ``payload`` from peer ``src`` arrived over the relay.
+
+        Call from the relay client's receive task (synchronous, never
+        blocks). ``payload`` is what ``src`` would have sent in one UDP
+        datagram: it is demultiplexed and fed as in the module docstring,
+        then the driver is kicked to send what it produced.
+        """
+        if self._closed:
+            return
+        stats = self.stats
+        stats.relay_datagrams_received += 1
+        stats.relay_bytes_received += len(payload)
+        if not payload or src == self.node_id:
+            stats.dropped_malformed += 1
+            return
+        now = trio.current_time()
+        self.paths.relay_received(src, now)
+        first = payload[0]
+        if first & 0x40 or (first & 0xC0 == 0x80 and not is_disco(payload)):
+            conn = self._quic_received(payload, None, now, relayed_from=src)
+            if conn is None:
+                return
+            # We run outside the driver: hand the events to the streams now, so no
+            # application task sees aioquic's state ahead of ours (e.g. a stream
+            # aioquic reset on STOP_SENDING that our Stream still thinks is open).
+            # Transmitting stays with the driver, batched as for socket reads.
+            try:
+                conn._process_events()
+            except Exception as exc:  # an aioquic bug must not take the endpoint down
+                self._abandon(conn, exc)
+                return
+            self._mark_dirty(conn)
+        elif is_disco(payload):
+            self._disco_received(payload, self.paths.virtual_address(src), now, relayed_from=src)
+        else:  # STUN is between a node and a relay, never relayed end to end
+            stats.dropped_malformed += 1
+
+    def add_candidate(self, node_id: NodeId, address: Address) -> None:
+        """Learn a possible direct address of ``node_id`` (mDNS, relay lookup, ...).
+
+        With a relay set, it is probed at once with a disco PING (and again
+        while it stays unvalidated and traffic flows); the first PONG moves
+        the peer's datagrams from the relay to it.
+        """
+        self._check_open()
+        self.paths.add_candidate(node_id, _normalize(address), trio.current_time())
+        self._send_pings_due(node_id, trio.current_time())
+
+    async def connect(self, node_id: NodeId, address: Address | None = None) -> Connection:
         """Dial ``node_id`` at ``address``: disco PING first, then QUIC; verify its certificate.
+
+        With ``address=None`` the handshake goes over the relay at once
+        (:meth:`set_relay`). With an address and a relay, a dial whose pings
+        get no pong within ``disco_pong_wait`` goes over the relay too (the
+        path table decides per datagram); without a relay it tries the
+        address anyway.
 
         Raises :class:`p2psync.net.tls.PeerIdentityMismatch` if another node answers,
         :class:`ConnectFailed` if the handshake fails or times out (idle
-        timeout), :class:`TooManyConnections` at the connection limit.
+        timeout) or there is no address and no relay,
+        :class:`TooManyConnections` at the connection limit.
         Cancel it with a cancel scope for a shorter deadline.
         """
         self._check_open()
@@ -880,9 +1016,17 @@ class Endpoint:
             raise TooManyConnections(
                 f"already {len(self._connections)} connections; close some first"
             )
-        address = _normalize(address)
-        self.paths.add_candidate(node_id, address, trio.current_time())
-        await self._probe(node_id, address)
+        if address is None:
+            if self._relay_send is None:
+                raise ConnectFailed(
+                    f"no address for {node_id.short()} and no relay to reach it through; "
+                    "give an address or configure a relay"
+                )
+            self.paths.add_peer(node_id)
+        else:
+            address = _normalize(address)
+            self.paths.add_candidate(node_id, address, trio.current_time())
+            await self._probe(node_id, address)
         self._check_open()
 
         quic = self._new_quic(self._client_config)
@@ -954,13 +1098,29 @@ class Endpoint:
         self.paths.ping_sent(node_id, address, tx_id, trio.current_time())
         self._send_run([self.disco.seal_ping(node_id, tx_id)], address, 0)
 
-    def _disco_received(self, data: bytes, source: Address, now: float) -> None:
+    def _send_pings_due(self, node_id: NodeId, now: float) -> None:
+        """Keep-alive / probe pings the path table asks for (only while a relay is set)."""
+        for address in self.paths.pings_due(node_id, now):
+            self._send_ping(node_id, address)
+
+    def _disco_received(
+        self, data: bytes, source: Address, now: float, relayed_from: NodeId | None = None
+    ) -> None:
+        """One disco datagram; ``relayed_from``: it came over the relay from that peer."""
         self.stats.disco_received += 1
         try:
             message = self.disco.open_untrusted(data)
         except BadDisco as exc:
             logger.debug("dropped disco datagram from %s: %s", source, exc)
             return
+        if relayed_from is not None:
+            if message.sender != relayed_from:  # the relay vouches for src, the box for sender
+                self.stats.dropped_malformed += 1
+                return
+            if isinstance(message, Ping):
+                pong = self.disco.seal_pong(message.sender, message.tx_id, source)
+                self._send_relayed(message.sender, pong)
+            return  # a pong over the relay validates no direct path
         if isinstance(message, Ping):
             self.paths.ping_received(message.sender, source, now)
             try:
@@ -968,6 +1128,7 @@ class Endpoint:
             except ValueError:  # a source address we cannot encode (scoped IPv6 text)
                 return
             self._send_run([pong], source, 0)
+            self._send_pings_due(message.sender, now)  # ping back (only with a relay)
         elif (
             isinstance(message, Pong)
             and self.paths.pong_received(message.sender, message.tx_id, source, now) is not None
@@ -1060,7 +1221,10 @@ class Endpoint:
             if conn is not None:
                 self._dirty[conn] = None
 
-    def _quic_received(self, data: bytes, source: Any, now: float) -> Connection | None:
+    def _quic_received(
+        self, data: bytes, source: Any, now: float, relayed_from: NodeId | None = None
+    ) -> Connection | None:
+        """Feed one QUIC datagram; ``source`` is ignored when ``relayed_from`` is set."""
         conn = None
         if not data[0] & 0x80:
             # Short header (RFC 9000 §17.3.1): our fixed-length DCID follows the first byte.
@@ -1079,10 +1243,15 @@ class Endpoint:
                 and header.version in self._server_config.supported_versions
                 and not self._closed
             ):
-                conn = self._new_incoming(header.destination_cid, _normalize(source), now)
+                conn = self._new_incoming(header.destination_cid, source, now, relayed_from)
             if conn is None:
                 self.stats.dropped_unknown_connection += 1
                 return None
+        elif relayed_from is not None and conn._route_node != relayed_from:
+            # Over the relay, only the connection's own peer may feed it (and a
+            # connection to an unmapped real address has no virtual one to feed).
+            self.stats.dropped_unknown_connection += 1
+            return None
         stats = conn._stats
         stats.bytes_received += len(data)
         stats.datagrams_received += 1
@@ -1098,15 +1267,22 @@ class Endpoint:
             conn._check_identity()
         return conn
 
-    def _new_incoming(self, original_dcid: bytes, source: Address, now: float) -> Connection | None:
+    def _new_incoming(
+        self, original_dcid: bytes, source: Any, now: float, relayed_from: NodeId | None
+    ) -> Connection | None:
         if len(self._connections) >= self.config.max_connections:
             self.stats.refused_connections += 1
             logger.debug("connection limit reached; ignoring Initial from %s", source)
             return None
-        their_node_id = self.paths.node_for_source(source, now)
-        peer_address = (
-            self.paths.virtual_address(their_node_id) if their_node_id is not None else source
-        )
+        if relayed_from is not None:
+            their_node_id: NodeId | None = relayed_from
+            peer_address = self.paths.virtual_address(relayed_from)
+        else:
+            source = _normalize(source)
+            their_node_id = self.paths.node_for_source(source, now)
+            peer_address = (
+                self.paths.virtual_address(their_node_id) if their_node_id is not None else source
+            )
         quic = self._new_quic(self._server_config, original_dcid)
         conn = Connection(
             self, quic, is_dialer=False, their_node_id=their_node_id, peer_address=peer_address
@@ -1227,16 +1403,24 @@ class Endpoint:
         run_to: Address | None = None
         segment = 0
         max_segments = min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // self.config.max_datagram_size)
-        resolved: dict[Any, Address | None] = {}
+        resolved: dict[Any, tuple[NodeId | None, Route | None]] = {}
         for data, address in datagrams:
             stats.bytes_sent += len(data)
             stats.datagrams_sent += 1
             if address in resolved:
-                real = resolved[address]
+                node_id, route = resolved[address]
             else:
-                real = resolved[address] = self._resolve(conn, address, now)
-            if real is None:
+                node_id, route = resolved[address] = self._resolve(conn, address, now)
+            if route is None:
+                self.stats.dropped_no_path += 1
                 continue
+            if route is RELAY:
+                if node_id is not None:
+                    self._send_relayed(node_id, data)
+                conn._path, conn._remote_address = "relay", None
+                continue
+            real: Address = route
+            conn._path, conn._remote_address = "direct", real
             # A GSO run: same destination, equal sizes, only the last may be shorter.
             if (
                 run
@@ -1252,14 +1436,38 @@ class Endpoint:
             run, run_to, segment = [data], real, len(data)
         if run and run_to is not None:
             self._send_run(run, run_to, segment)
+        for node_id, _ in resolved.values():
+            if node_id is not None:
+                self._send_pings_due(node_id, now)  # keep-alive / re-probe (relay set only)
 
-    def _resolve(self, conn: Connection, address: Any, now: float) -> Address | None:
+    def _resolve(
+        self, conn: Connection, address: Any, now: float
+    ) -> tuple[NodeId | None, Route | None]:
+        """(peer, route) for a datagram QUIC addressed to ``address``."""
         if conn._route_node is not None and address == conn._peer_address:
-            return self.paths.send_address(conn._route_node, now)
-        node_id = self.paths.node_for_virtual(address)
-        if node_id is not None:
-            return self.paths.send_address(node_id, now)
-        return _normalize(address)
+            node_id: NodeId | None = conn._route_node
+        else:
+            node_id = self.paths.node_for_virtual(address)
+        if node_id is None:
+            return None, _normalize(address)
+        return node_id, self.paths.route(node_id, now)
+
+    def _send_relayed(self, node_id: NodeId, data: bytes) -> bool:
+        """Hand one datagram for ``node_id`` to the relay hook; count what happened."""
+        stats = self.stats
+        send = self._relay_send
+        taken = False
+        if send is not None:
+            try:
+                taken = send(node_id, data)
+            except Exception as exc:  # e.g. the relay client is not connected
+                logger.debug("relay refused a datagram for %s: %r", node_id.short(), exc)
+        if taken:
+            stats.relay_datagrams_sent += 1
+            stats.relay_bytes_sent += len(data)
+        else:
+            stats.relay_dropped += 1
+        return taken
 
     def _send_run(self, run: list[bytes], address: Address, segment: int) -> None:
         """Send datagrams to one address: one GSO sendmsg if possible, else sendto each."""
