@@ -8,24 +8,47 @@ Subcommands:
   cannot run here (not root, tools missing).
 - ``cleanup [--force]``: delete the ``p2ps-`` namespaces of runs whose owner
   process is gone (with ``--force``: of all runs), killing what runs inside.
-- ``run`` and ``matrix``: scenario runner and NAT-pair matrix; not here yet.
+- ``run NAME [--a KIND --b KIND] [--json FILE]``: one scenario of
+  :mod:`netsim.scenarios` (``lan-pair``, ``pair``, ``line-3``,
+  ``relay-restart``, ``lossy``); prints a report, writes the result as JSON
+  (``--json -``: JSON on stdout instead of the report); exit 0 when it
+  synced, 1 when not, 2 if netsim cannot run here.
+- ``matrix [--kinds KIND ...] [--json FILE]``: the ``pair`` scenario for
+  every unordered pair of NAT kinds (:mod:`netsim.matrix`), progress on
+  stderr, a table with expected vs actual path; exit 0 when every pair got
+  its expected outcome, 1 when any did not, 2 if netsim cannot run here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from netsim import netns, runs
 from netsim.build import DEFAULT_OUTPUT_BASE, build
 from netsim.errors import NetsimError
+from netsim.matrix import format_table as format_matrix
+from netsim.matrix import rows_as_json, run_matrix
 from netsim.nat import NatKind
+from netsim.scenarios import (
+    DEFAULT_SETTLE_S,
+    DEFAULT_SYNC_TIMEOUT_S,
+    SCENARIOS,
+    ScenarioOptions,
+    format_report,
+    run_scenario,
+)
 from netsim.selftest import format_table, reports_as_json, run_selftest, selftest_topology
 
 EXIT_FAILED = 1
 EXIT_CANNOT_RUN = 2
+MATRIX_SYNC_TIMEOUT_S = 30.0
+"""Per pair in the matrix: every pair that cannot sync waits this long."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +81,38 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="also remove namespaces of runs still alive"
     )
 
-    for name in ("run", "matrix"):
-        placeholder = commands.add_parser(name, help="not available yet")
-        placeholder.add_argument("rest", nargs=argparse.REMAINDER)
+    run = commands.add_parser("run", help="run one sync scenario")
+    run.add_argument(
+        "scenario",
+        choices=sorted(SCENARIOS),
+        metavar="NAME",
+        help=f"one of: {', '.join(SCENARIOS)}",
+    )
+    run.add_argument(
+        "--a",
+        type=NatKind,
+        default=NatKind.EASY,
+        metavar="KIND",
+        help="NAT kind of site a for pair/lossy (default: easy)",
+    )
+    run.add_argument(
+        "--b",
+        type=NatKind,
+        default=NatKind.EASY,
+        metavar="KIND",
+        help="NAT kind of site b for pair/lossy (default: easy)",
+    )
+    _scenario_options(run)
+
+    matrix = commands.add_parser("matrix", help="the pair scenario for every pair of NAT kinds")
+    matrix.add_argument(
+        "--kinds",
+        nargs="+",
+        type=NatKind,
+        metavar="KIND",
+        help=f"NAT kinds to pair (default: all of {', '.join(NatKind)})",
+    )
+    _scenario_options(matrix, timeout=MATRIX_SYNC_TIMEOUT_S)
 
     options = parser.parse_args(argv)
     logging.basicConfig(
@@ -71,11 +123,91 @@ def main(argv: list[str] | None = None) -> int:
         return _cleanup(force=options.force)
     if options.command == "selftest":
         return _selftest(options.kinds or list(NatKind), as_json=options.json, out=options.out)
-    print(
-        f"netsim {options.command}: the scenario runner arrives with the relayd/daemon work",
-        file=sys.stderr,
+    if options.command == "run":
+        return _run(options)
+    return _matrix(options)
+
+
+def _scenario_options(parser: argparse.ArgumentParser, *, timeout: float | None = None) -> None:
+    timeout = timeout or DEFAULT_SYNC_TIMEOUT_S
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the result as JSON to FILE (- for stdout)"
     )
-    return EXIT_CANNOT_RUN
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        metavar="S",
+        help=f"longest wait for the files to sync (default: {timeout:g})",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE_S,
+        metavar="S",
+        help="after syncing, how long a relayed pair may take to go direct "
+        f"(default: {DEFAULT_SETTLE_S:g})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUTPUT_BASE,
+        help=f"base folder for process logs (default: {DEFAULT_OUTPUT_BASE})",
+    )
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _options(options: argparse.Namespace) -> ScenarioOptions:
+    return ScenarioOptions(
+        timeout_s=options.timeout,
+        settle_s=options.settle,
+        output_base=options.out,
+        progress=_progress,
+    )
+
+
+def _write_json(target: Path | None, text: str) -> None:
+    if target is None:
+        return
+    if str(target) == "-":
+        print(text)
+    else:
+        target.write_text(text + "\n")
+
+
+def _cannot_run() -> bool:
+    problems = netns.missing_prerequisites()
+    for problem in problems:
+        print(f"netsim cannot run here: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
+def _run(options: argparse.Namespace) -> int:
+    if _cannot_run():
+        return EXIT_CANNOT_RUN
+    scenario_options = _options(options)
+    if options.scenario in ("pair", "lossy"):
+        scenario_options = dataclasses.replace(scenario_options, a=options.a, b=options.b)
+    result = run_scenario(options.scenario, scenario_options)
+    if str(options.json) != "-":
+        print(format_report(result))
+    _write_json(options.json, json.dumps(result, indent=2))
+    return 0 if result["synced"] else EXIT_FAILED
+
+
+def _matrix(options: argparse.Namespace) -> int:
+    if _cannot_run():
+        return EXIT_CANNOT_RUN
+    started = time.monotonic()
+    rows = run_matrix(options.kinds or list(NatKind), _options(options), progress=_progress)
+    if str(options.json) != "-":
+        print(format_matrix(rows))
+        print(f"(wall time {time.monotonic() - started:.0f} s)")
+    _write_json(options.json, rows_as_json(rows))
+    return 0 if all(row["as_expected"] for row in rows) else EXIT_FAILED
 
 
 def _cleanup(*, force: bool) -> int:
