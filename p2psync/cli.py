@@ -237,6 +237,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"node      {state['node_id']}  {state.get('name') or ''}")
     print(f"group     {state.get('group_id') or '(none)'}")
     print(f"listening {', '.join(state['listening'])}")
+    print(f"lan       {state.get('mdns', 'off')}")
+    relay = state.get("relay")
+    if relay:
+        link = "connected" if relay["connected"] else "not connected"
+        rtt = f", rtt {relay['rtt_ms']:.1f} ms" if relay.get("rtt_ms") is not None else ""
+        public = (
+            f", public address {relay['public_address']}" if relay.get("public_address") else ""
+        )
+        print(f"relay     {relay['relay'][:16]}… {link}{rtt}{public}")
     peers = state["peers"]
     print(f"peers     {len(peers)}")
     for peer in peers:
@@ -255,7 +264,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from p2psync.daemon import run_daemon
 
     return run_daemon(_home(args), listen=args.listen, peers=args.peer or [],
-                      log_level=args.log_level, mdns=not args.no_mdns)  # fmt: skip
+                      log_level=args.log_level, mdns=not args.no_mdns,
+                      relay=args.relay)  # fmt: skip
 
 
 def _parse_duration(text: str) -> int:

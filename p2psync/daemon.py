@@ -24,7 +24,12 @@ log = logging.getLogger("p2psync.daemon")
 
 
 def options_for(
-    home: Home, *, listen: str | None, peers: list[str], mdns: bool = True
+    home: Home,
+    *,
+    listen: str | None,
+    peers: list[str],
+    mdns: bool = True,
+    relay: str | None = None,
 ) -> NodeOptions:
     config = home.load_config()
     listen_text = listen or config.listen or f"0.0.0.0:{defaults.NODE_PORT}"
@@ -35,6 +40,7 @@ def options_for(
         peers=tuple(unique.values()),
         control=True,
         mdns=mdns,
+        relay=relay or config.relay,
     )
 
 
@@ -79,7 +85,13 @@ def invite_and_wait(home: Home, *, lifetime: int, listen: str | None, as_json: b
 
 
 def run_daemon(
-    home: Home, *, listen: str | None, peers: list[str], log_level: str, mdns: bool = True
+    home: Home,
+    *,
+    listen: str | None,
+    peers: list[str],
+    log_level: str,
+    mdns: bool = True,
+    relay: str | None = None,
 ) -> int:
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -88,7 +100,7 @@ def run_daemon(
     )
     # aioquic logs every handshake at INFO; ours already say what matters.
     logging.getLogger("quic").setLevel(max(logging.WARNING, logging.root.level))
-    options = options_for(home, listen=listen, peers=peers, mdns=mdns)
+    options = options_for(home, listen=listen, peers=peers, mdns=mdns, relay=relay)
     trio.run(serve, home, options)
     log.info("stopped")
     return 0

@@ -170,3 +170,6 @@ INVITE_LIFETIME = 600
 # A LAN address found by mDNS answers within a second or not at all; try the
 # next one after this long.
 LAN_DIAL_TIMEOUT = 3.0
+# Asking the relay where a peer is should take one round trip; give up on
+# the lookup (and dial over the relay anyway) after this long.
+RELAY_LOOKUP_TIMEOUT = 2.0

@@ -51,6 +51,7 @@ class NodeConfig:
     name: str = ""
     listen: str | None = None
     peers: tuple[str, ...] = ()
+    relay: str | None = None
 
 
 def _check_name(name: str) -> str:
@@ -65,7 +66,7 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    known = {"name", "listen", "peers"}
+    known = {"name", "listen", "peers", "relay"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
@@ -80,7 +81,10 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
     peers = data.get("peers", [])
     if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
         raise ConfigError(f"{source}: 'peers' must be a list of \"NODEID@HOST:PORT\" strings")
-    return NodeConfig(name=_check_name(name), listen=listen, peers=tuple(peers))
+    relay = data.get("relay")
+    if relay is not None and not isinstance(relay, str):
+        raise ConfigError(f"{source}: 'relay' must be a string like \"NODEID@relay.example:3478\"")
+    return NodeConfig(name=_check_name(name), listen=listen, peers=tuple(peers), relay=relay)
 
 
 def _toml_string(value: str) -> str:
@@ -193,6 +197,8 @@ class Home:
         lines = [f"name = {_toml_string(config.name)}"]
         if config.listen:
             lines.append(f"listen = {_toml_string(config.listen)}")
+        if config.relay:
+            lines.append(f"relay = {_toml_string(config.relay)}")
         peers = ", ".join(_toml_string(p) for p in (*config.peers, peer))
         lines.append(f"peers = [{peers}]")
         _write_private(self.config_file, ("\n".join(lines) + "\n").encode())

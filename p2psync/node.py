@@ -59,6 +59,7 @@ from p2psync.errors import BadFrame, BrokenResourceError, ConfigError, Integrity
 from p2psync.home import Home
 from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
 from p2psync.net.interfaces import ipv4_addresses
+from p2psync.net.relay_client import RelayClient, open_relay_client, parse_relay_address
 from p2psync.pairing import (
     CHALLENGE_SIZE,
     JOIN_CHALLENGE,
@@ -82,6 +83,7 @@ from p2psync.pairing import (
 )
 from p2psync.proto.entry import Kind
 from p2psync.proto.messages import ErrorCode, FrameDecoder, Role
+from p2psync.proto.relay import RELAY_ALPN
 from p2psync.store import Store, StoredEntry
 from p2psync.store.objects import Meta
 from p2psync.sync.events import (
@@ -135,25 +137,29 @@ def parse_host_port(text: str, *, default_host: str = "0.0.0.0") -> Address:
 
 @dataclass(frozen=True, slots=True)
 class StaticPeer:
+    """A device to keep connected: by address, or by NodeId alone through the relay."""
+
     node_id: NodeId
-    address: Address
+    address: Address | None
 
     @classmethod
     def parse(cls, text: str) -> StaticPeer:
-        """``NODEID@HOST:PORT``."""
+        """``NODEID@HOST:PORT``, or ``NODEID`` (reach it through the relay)."""
         node_text, sep, address = text.strip().partition("@")
-        if not sep:
-            raise ConfigError(f"peer {text!r} is not NODEID@HOST:PORT")
         try:
             node_id = NodeId.parse(node_text)
         except BadNodeId as exc:
             raise ConfigError(f"peer {text!r}: {exc}") from exc
+        if not sep:
+            return cls(node_id, None)
         host, port = parse_host_port(address)
         if port == 0:
             raise ConfigError(f"peer {text!r}: needs a port")
         return cls(node_id, (host, port))
 
     def __str__(self) -> str:
+        if self.address is None:
+            return str(self.node_id)
         return f"{self.node_id}@{self.address[0]}:{self.address[1]}"
 
 
@@ -166,6 +172,7 @@ class NodeOptions:
     endpoint: EndpointConfig | None = None  # bind address comes from ``listen``
     control: bool = False  # serve the control socket (daemon mode)
     mdns: bool = False  # advertise and browse on the LAN (the daemon turns it on)
+    relay: str | None = None  # home relay, "NODEID@HOST:PORT"
     reconnect_min: float = defaults.RECONNECT_MIN_DELAY
     reconnect_max: float = defaults.RECONNECT_MAX_DELAY
 
@@ -440,6 +447,7 @@ class Node:
         }
         self.invites = InviteBook()
         self._dialing: set[NodeId] = set()
+        self.relay: RelayClient | None = None
         self.mdns_status = "off"
         self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
@@ -533,7 +541,14 @@ class Node:
         peers = []
         for info in sorted(self.peers.values(), key=lambda p: str(p.node_id)):
             link = self.active.get(info.node_id)
+            path = "none"
             if link is not None:
+                path = link.conn.path if link.conn.path != "none" else info.path
+                if path == "direct" and info.path == "lan":
+                    path = "lan"
+                remote = link.conn.remote_address
+                if remote is not None:
+                    info.address = (str(remote[0]), int(remote[1]))
                 stats = link.conn.stats
                 info.bytes_in = stats.bytes_received
                 info.bytes_out = stats.bytes_sent
@@ -542,7 +557,7 @@ class Node:
             peers.append(
                 {
                     "node_id": str(info.node_id),
-                    "path": info.path if link is not None else "none",
+                    "path": path,
                     "address": f"{info.address[0]}:{info.address[1]}" if info.address else None,
                     "rtt_ms": info.rtt_ms,
                     "bytes_in": info.bytes_in,
@@ -560,6 +575,7 @@ class Node:
             "group_id": group,
             "listening": [f"{host}:{port}"],
             "mdns": self.mdns_status,
+            "relay": self._relay_status(),
             "uptime_s": round(now - self.started_at, 1),
             "peers": peers,
             "counters": dict(self.counters),
@@ -646,6 +662,22 @@ class Node:
         except (BadFrame, trio.TooSlowError) as exc:
             self.counters["joins_refused"] += 1
             log.warning("bad join attempt: %s", exc)
+
+    def _relay_status(self) -> dict[str, Any] | None:
+        relay = self.relay
+        if relay is None:
+            return None
+        public = relay.our_public_address
+        error = relay.last_error
+        return {
+            "relay": f"{relay.relay_node_id}@{relay.relay_address[0]}:{relay.relay_address[1]}",
+            "connected": relay.connected,
+            "rtt_ms": round(relay.rtt * 1000, 2) if relay.rtt is not None else None,
+            "public_address": f"{public[0]}:{public[1]}" if public else None,
+            "last_error": str(error) if error is not None else None,
+            "relayed_bytes_sent": self.endpoint.stats.relay_bytes_sent,
+            "relayed_bytes_received": self.endpoint.stats.relay_bytes_received,
+        }
 
     # --- links ------------------------------------------------------------------------
 
@@ -759,11 +791,13 @@ class Node:
                 await existing.wait_done()
                 await trio.sleep(random.uniform(0, self.options.reconnect_min))
                 continue
+            await self._learn_candidates(peer.node_id)
             try:
                 conn = await self.endpoint.connect(peer.node_id, peer.address)
             except (P2PSyncError, trio.BrokenResourceError, OSError) as exc:
                 self.counters["connections_failed"] += 1
-                info.last_error = f"connect to {peer.address[0]}:{peer.address[1]} failed: {exc}"
+                where = f"{peer.address[0]}:{peer.address[1]}" if peer.address else "the relay"
+                info.last_error = f"connect via {where} failed: {exc}"
                 log.info("could not reach %s: %s (retry in %.1fs)", peer.node_id.short(), exc,
                          delay)  # fmt: skip
                 await trio.sleep(delay * random.uniform(0.8, 1.2))
@@ -777,6 +811,20 @@ class Node:
                 delay = self.options.reconnect_min  # it ran well: start over
             await trio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.options.reconnect_max)
+
+    async def _learn_candidates(self, node_id: NodeId) -> None:
+        """Ask the relay where ``node_id`` is and offer those addresses to the path table."""
+        relay = self.relay
+        if relay is None or not relay.connected:
+            return
+        with trio.move_on_after(defaults.RELAY_LOOKUP_TIMEOUT):
+            try:
+                found = await relay.lookup(node_id)
+            except (P2PSyncError, trio.BrokenResourceError) as exc:
+                log.debug("lookup of %s failed: %s", node_id.short(), exc)
+                return
+            for address in (*found.published, *((found.observed,) if found.observed else ())):
+                self.endpoint.add_candidate(node_id, address)
 
     # --- LAN discovery ------------------------------------------------------------
 
@@ -815,6 +863,29 @@ class Node:
 
     def add_peer(self, peer: StaticPeer) -> None:
         self._nursery.start_soon(self.dial_forever, peer)
+
+
+async def _run_relay(
+    node: Node, relay_text: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Keep the home relay connection; carry relayed datagrams into the endpoint."""
+    relay_node_id, relay_address = parse_relay_address(relay_text)
+    host, port = node.endpoint.local_address
+    published = [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
+    if host not in ("0.0.0.0", ""):
+        published = [(host, port)]
+    async with open_relay_client(
+        node.endpoint, node.store.identity, relay_address, relay_node_id, published
+    ) as relay:
+        node.relay = relay
+        node.endpoint.set_relay(relay.try_send, relay_node_id=relay.relay_node_id)
+        task_status.started()
+        try:
+            async for src, payload in relay.received:
+                node.endpoint.receive_relayed(src, payload)
+        finally:
+            node.endpoint.set_relay(None)
+            node.relay = None
 
 
 async def _start_mdns(node: Node, nursery: trio.Nursery) -> None:
@@ -856,6 +927,10 @@ async def open_node(
     base = options.endpoint or EndpointConfig()
     host, port = options.listen
     endpoint_config = dataclasses.replace(base, bind_host=host, bind_port=port)
+    if options.relay is not None and RELAY_ALPN not in endpoint_config.alpn:
+        endpoint_config = dataclasses.replace(
+            endpoint_config, alpn=(*endpoint_config.alpn, RELAY_ALPN)
+        )
     try:
         async with (
             open_endpoint(store.identity, endpoint_config) as endpoint,
@@ -863,6 +938,8 @@ async def open_node(
         ):
             node = Node(home, store, endpoint, options, nursery)
             nursery.start_soon(node._accept_loop)
+            if options.relay is not None:
+                await nursery.start(_run_relay, node, options.relay)
             for peer in options.peers:
                 node.add_peer(peer)
             if options.mdns:

@@ -41,11 +41,13 @@ IDLE_TIMEOUT_S = 60.0
 WRITE_TIMEOUT_S = 5.0
 
 # --- relay frames (per node, token buckets) -------------------------------
-# The relay is a fallback path, not bulk transport: direct paths carry bulk.
-FRAMES_PER_SECOND = 200
-FRAME_BURST = 400
-BYTES_PER_SECOND = 1 * MiB
-BYTE_BURST = 4 * MiB
+# Behind hard NATs the relay *is* the path, so a node may relay a sync at a
+# useful speed (~8 MiB/s of 1452-byte QUIC packets); a flood beyond that is
+# throttled per node and cannot starve the others (per-node buckets).
+FRAMES_PER_SECOND = 6000
+FRAME_BURST = 12000
+BYTES_PER_SECOND = 8 * MiB
+BYTE_BURST = 16 * MiB
 # 64 KiB holds any QUIC datagram (<= 1500 on real paths) plus framing, and
 # bounds what one frame can make us buffer.
 MAX_FRAME_SIZE = 64 * KiB
