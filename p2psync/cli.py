@@ -413,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a device to keep connected to (repeatable; adds to config peers)",
     )
     daemon.add_argument(
+        "--relay",
+        metavar="NODEID@HOST:PORT",
+        help="home relay (relayd prints its NodeId; default: relay in config.toml)",
+    )
+    daemon.add_argument(
         "--no-mdns",
         action="store_true",
         help="do not advertise or look for devices on the LAN (mDNS)",
