@@ -60,6 +60,28 @@ def test_two_public_hosts_sync_directly(netsim_out: Path, run_namespaces: RunNam
 
 
 @pytest.mark.netsim
+def test_two_hosts_behind_easy_nats_sync_through_relayd(
+    netsim_out: Path, run_namespaces: RunNamespaces
+) -> None:
+    result = _run("pair", netsim_out, a=NatKind.EASY, b=NatKind.EASY)
+    assert result["synced"], result["notes"]
+    # relay today; direct once hole punching lands (the matrix tracks which)
+    assert _paths(result)[("a", "b")] in ("relay", "direct")
+    assert result["relayed_bytes"] is not None and result["relayed_bytes"] > 0
+    _assert_torn_down(result, run_namespaces)
+
+
+@pytest.mark.netsim
+def test_hard_nats_on_both_sides_sync_through_relayd(
+    netsim_out: Path, run_namespaces: RunNamespaces
+) -> None:
+    result = _run("pair", netsim_out, a=NatKind.HARD, b=NatKind.HARD)
+    assert result["synced"], result["notes"]
+    assert _paths(result) == {("a", "b"): "relay"}
+    _assert_torn_down(result, run_namespaces)
+
+
+@pytest.mark.netsim
 def test_line_of_three_syncs_end_to_end_through_the_middle(
     netsim_out: Path, run_namespaces: RunNamespaces
 ) -> None:
