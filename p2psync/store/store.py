@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import blake3
+
 from p2psync import defaults
 from p2psync.crypto.group import GroupKeys, GroupSecret
 from p2psync.crypto.identity import Identity, NodeId, RandomBytes
@@ -115,6 +117,7 @@ CREATE TABLE IF NOT EXISTS blob_chunks (
     PRIMARY KEY (blob_id, idx)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS blob_chunks_by_chunk ON blob_chunks (chunk_id);
+CREATE INDEX IF NOT EXISTS entries_by_hlc ON entries (hlc);
 """
 
 
@@ -550,7 +553,7 @@ class Store:
                         (entry.author.raw, entry.seq),
                     ).fetchone()
                     if known is not None:
-                        if bytes(known[0]) == entry.entry_id:
+                        if bytes(known[0]) == blake3.blake3(raw).digest():
                             duplicates += 1
                             continue
                         raise EntryRejected(
@@ -566,7 +569,7 @@ class Store:
                         meta = open_meta(self.keyring, entry.meta)
                     except (BadFrame, IntegrityError) as exc:
                         raise EntryRejected("bad-meta", str(exc)) from exc
-                    self._insert_verified(entry, meta)
+                    self._insert_verified(entry, meta, raw)
                     self._clock.observe(entry.hlc)
                     accepted.append(entry)
                 except EntryRejected as exc:
@@ -577,14 +580,16 @@ class Store:
                     log.warning("rejected malformed entry: %s", exc)
         return InsertResult(accepted, duplicates, rejected)
 
-    def _insert_verified(self, entry: Entry, meta: Meta) -> int:
+    def _insert_verified(self, entry: Entry, meta: Meta, raw: bytes | None = None) -> int:
+        """Store a verified entry; ``raw`` is its canonical encoding if already at hand."""
+        raw = entry.encode() if raw is None else raw
         keys = self.keys
         khash = key_hash(keys, meta.key) if entry.kind in (Kind.PUT, Kind.DELETE) else None
         cursor = self._db.execute(
             "INSERT INTO entries (entry_id, author, seq, hlc, kind, blob, size, key_hash, raw) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                entry.entry_id,
+                blake3.blake3(raw).digest(),
                 entry.author.raw,
                 entry.seq,
                 entry.hlc,
@@ -592,7 +597,7 @@ class Store:
                 entry.blob or None,
                 entry.size,
                 khash,
-                entry.encode(),
+                raw,
             ),
         ).lastrowid
         assert cursor is not None  # sqlite always sets it after INSERT
