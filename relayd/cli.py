@@ -4,6 +4,12 @@ The only place in relayd that reads files, sets up logging, installs signal
 handlers and picks exit codes. Precedence: built-in defaults < ``--config``
 file < flags. SIGTERM and SIGINT shut down gracefully (exit 0).
 
+Access policy flags: ``--allow NODEID`` (repeatable; replaces the file's
+``allow`` list) and ``--access-token-file PATH`` (the token is the file's
+content without surrounding whitespace; replaces the file's
+``access_token``). There is deliberately no flag taking the token itself:
+command lines are visible to every local user (``ps``, /proc).
+
 Exit codes: 0 clean shutdown or ``--print-config``; 2 bad flags or config
 (one line on stderr saying which file/key/flag and what is wrong), or an
 address that cannot be bound.
@@ -25,6 +31,8 @@ from relayd.config import (
     LOG_LEVELS,
     HostPort,
     RelaydConfig,
+    check_access_token,
+    check_node_id,
     config_to_toml,
     load_config_file,
     parse_host_port,
@@ -55,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the effective config as TOML, exit"
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging threshold")
+    parser.add_argument(
+        "--allow",
+        metavar="NODEID",
+        action="append",
+        help="only this node may use the relay (repeat for more; replaces the file's allow)",
+    )
+    parser.add_argument(
+        "--access-token-file",
+        metavar="FILE",
+        type=Path,
+        help="file holding the shared token nodes must present (replaces access_token)",
+    )
     return parser
 
 
@@ -76,7 +96,28 @@ def config_from_args(args: argparse.Namespace) -> RelaydConfig:
         config = dataclasses.replace(config, data_dir=args.data)
     if args.log_level is not None:
         config = dataclasses.replace(config, log_level=args.log_level)
+    if args.allow is not None:
+        allow = {check_node_id(text, "--allow"): None for text in args.allow}
+        config = dataclasses.replace(config, allow=tuple(allow))
+    if args.access_token_file is not None:
+        token = _read_token_file(args.access_token_file)
+        config = dataclasses.replace(config, access_token=token)
     return config
+
+
+def _read_token_file(path: Path) -> str:
+    """The token in ``path`` without surrounding whitespace (a trailing newline, say)."""
+    flag = "--access-token-file"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag}: {path}: cannot read the token file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path}: the token file is not UTF-8 text") from None
+    try:
+        return check_access_token(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {path}: {exc}") from None
 
 
 def _flag_address(flag: str, text: str) -> HostPort:

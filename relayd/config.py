@@ -15,12 +15,24 @@ File format (every key optional; defaults in :mod:`relayd.defaults`)::
     stun_alt_port = 3479           # second STUN port on the listen host (omit: off)
     data = "/var/lib/relayd"       # state directory (unused until mailboxes land)
     log_level = "info"
+    allow = ["NODEID", ...]        # only these nodes may use the relay (omit: any node)
+    access_token = "..."           # nodes must present this shared token (omit: none)
 
     [limits]
     max_connections = 10000
     ...                            # every field of RelaydLimits
 
 Port 0 means "let the OS pick" (tests use it; the bound port is reported).
+
+Access policy: ``allow`` and ``access_token`` become the
+:class:`relayd.routing.AccessPolicy` that :func:`relayd.relay.serve` enforces
+(:meth:`RelaydConfig.access_policy`). A node not on the allow-list is
+refused with NOT_ALLOWED, a missing or wrong token with BAD_AUTH. The token
+is a secret: it is kept out of ``repr()`` and ``--print-config`` shows
+``access_token = "<set>"`` instead (a value this loader refuses, so a printed
+config is never silently run with the placeholder as its token). The CLI
+can read it from a file (``--access-token-file``) so it stays out of the
+command line and out of a world-readable config file.
 """
 
 from __future__ import annotations
@@ -33,10 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from p2psync.errors import ConfigError
+from p2psync.crypto.identity import NodeId
+from p2psync.errors import BadFrame, ConfigError
+from p2psync.proto.relay import MAX_ACCESS_TOKEN
 from relayd import defaults as d
+from relayd.routing import AccessPolicy
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# What --print-config shows instead of the access token (and what the loader
+# refuses as a token, so a printed config cannot run with it by accident).
+REDACTED_TOKEN = "<set>"
 
 
 class HostPort(NamedTuple):
@@ -110,6 +128,16 @@ class RelaydConfig:
     data_dir: str | None = d.DATA_DIR
     log_level: str = d.LOG_LEVEL
     limits: RelaydLimits = field(default_factory=RelaydLimits)
+    # Access policy: None means open (any node; no token).
+    allow: tuple[NodeId, ...] | None = None
+    access_token: str | None = field(default=None, repr=False)  # a secret: never printed
+
+    def access_policy(self) -> AccessPolicy:
+        """The policy :func:`relayd.relay.serve` enforces for this config."""
+        return AccessPolicy(
+            allowed=frozenset(self.allow) if self.allow is not None else None,
+            access_token=self.access_token.encode() if self.access_token is not None else None,
+        )
 
 
 # --- checking untrusted values ------------------------------------------------
@@ -146,6 +174,57 @@ def _want_level(value: object) -> str:
     return value.lower()
 
 
+def _want_node_ids(value: object) -> tuple[NodeId, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'expected a list of NodeId strings like ["NODEID", ...], got {_describe(value)}'
+        )
+    if not value:
+        raise ConfigError(
+            "an empty allow-list would refuse every node; omit the key to allow any node"
+        )
+    node_ids: dict[NodeId, None] = {}  # ordered, duplicates folded
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"entry {index}: expected a NodeId string, got {_describe(item)}")
+        node_ids[check_node_id(item, f"entry {index}")] = None
+    return tuple(node_ids)
+
+
+def check_node_id(text: str, where: str) -> NodeId:
+    """Parse one allow-list entry; ConfigError naming ``where`` if it is not a NodeId."""
+    try:
+        return NodeId.parse(text)
+    except BadFrame as exc:
+        raise ConfigError(f"{where}: {text!r} is not a NodeId ({exc})") from None
+
+
+def check_access_token(value: object) -> str:
+    """A usable shared token: non-empty printable text of at most MAX_ACCESS_TOKEN bytes.
+
+    Surrounding whitespace is refused rather than stripped, so a token read
+    from a file (which the CLI strips) and one written in TOML compare equal
+    to what the operator gives the nodes. The error never quotes the value.
+    """
+    if not isinstance(value, str):
+        kind = "boolean" if isinstance(value, bool) else type(value).__name__
+        raise ConfigError(f"expected the access token as a string, got a {kind}")
+    if value == REDACTED_TOKEN:
+        raise ConfigError(
+            f"{REDACTED_TOKEN!r} is the placeholder --print-config shows for a secret "
+            "token; put the real token here or use --access-token-file"
+        )
+    if not value:
+        raise ConfigError("the access token is empty; omit it to run without a token")
+    if value != value.strip() or not value.isprintable():
+        raise ConfigError("the access token must be printable text without surrounding whitespace")
+    if len(value.encode()) > MAX_ACCESS_TOKEN:
+        raise ConfigError(
+            f"the access token is {len(value.encode())} bytes; at most {MAX_ACCESS_TOKEN}"
+        )
+    return value
+
+
 def _want_positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"expected a positive integer, got {_describe(value)}")
@@ -165,6 +244,8 @@ _TOP_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "stun_alt_port": ("stun_alt_port", _want_port),
     "data": ("data_dir", _want_path),
     "log_level": ("log_level", _want_level),
+    "allow": ("allow", _want_node_ids),
+    "access_token": ("access_token", check_access_token),
 }
 _LIMIT_KEYS: dict[str, Callable[[object], Any]] = {
     f.name: _want_positive_float if f.type in ("float", float) else _want_positive_int
@@ -242,6 +323,12 @@ def config_to_toml(config: RelaydConfig) -> str:
         value = getattr(config, name)
         if value is None:
             lines.append(f"# {key} is not set")
+        elif key == "access_token":
+            lines.append(f"{key} = {_toml_value(REDACTED_TOKEN)}  # the secret is not printed")
+        elif key == "allow":
+            lines.append(f"{key} = [")
+            lines += [f"    {_toml_value(str(node_id))}," for node_id in value]
+            lines.append("]")
         elif isinstance(value, HostPort):
             lines.append(f"{key} = {_toml_value(str(value))}")
         else:

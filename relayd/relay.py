@@ -527,6 +527,16 @@ class QuicRelay:
             handle.wake.set()
 
 
+def _describe_policy(policy: AccessPolicy) -> str:
+    """The access policy for the log, without the token."""
+    parts: list[str] = []
+    if policy.allowed is not None:
+        parts.append(f"allow-list of {len(policy.allowed)} node(s)")
+    if policy.access_token is not None:
+        parts.append("shared access token required")
+    return ", ".join(parts) or "open to any node (no allow-list, no access token)"
+
+
 def _label(code: RelayErrorCode) -> str:
     return code.name.lower().replace("_", "-")
 
@@ -616,7 +626,8 @@ async def serve(
     """Run relayd — QUIC relay and STUN on one UDP port, HTTP — until cancelled.
 
     ``identity`` defaults to :func:`load_or_create_identity` on
-    ``config.data_dir``; ``policy`` (allow-list, access token) to open.
+    ``config.data_dir``; ``policy`` (allow-list, access token) to the one
+    the config asks for (:meth:`RelaydConfig.access_policy`; open if none).
     Bind failures raise :class:`~p2psync.errors.ConfigError` before
     ``task_status.started``. Cancellation is the graceful shutdown (module
     docstring); it takes at most about ``SHUTDOWN_GRACE_S``.
@@ -625,6 +636,7 @@ async def serve(
     if identity is None:
         identity, created = load_or_create_identity(config.data_dir)
     relay_identity = identity
+    relay_policy = policy if policy is not None else config.access_policy()
     stop = trio.Event()
 
     async def run_shielded(task_status: trio.TaskStatus[RelaydAddresses]) -> None:
@@ -632,7 +644,7 @@ async def serve(
         # (set when serve() is cancelled) ends it, within SHUTDOWN_GRACE_S.
         with trio.CancelScope(shield=True):
             async with _open_relay_endpoint(config, relay_identity) as endpoint:
-                relay = QuicRelay(config, endpoint, relay_identity, policy=policy)
+                relay = QuicRelay(config, endpoint, relay_identity, policy=relay_policy)
                 async with trio.open_nursery() as nursery:
                     bound: server.BoundAddresses = await nursery.start(
                         partial(server.serve, config, relay=relay, registry=relay.registry)
@@ -643,6 +655,7 @@ async def serve(
                             bound.udp, bound.stun_alt, bound.http, relay_identity.node_id
                         )
                     )
+                    log.info("access: %s", _describe_policy(relay_policy))
                     if config.data_dir is None:
                         log.info("relay identity is ephemeral (no --data directory)")
                     elif created:
