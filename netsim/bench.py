@@ -847,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"] and len(argv) == 3:
         return _child_main(argv[1], json.loads(argv[2]))
+    if argv[:1] == ["relay"]:  # relayed vs direct, idle connections, restart
+        from netsim import bench_relay
+
+        return bench_relay.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m netsim.bench",
         description=__doc__,
