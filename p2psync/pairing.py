@@ -45,7 +45,6 @@ ticket cannot be brute-forced online).
 from __future__ import annotations
 
 import hmac
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ from p2psync.proto.codec import (
     pack,
     unpack_untrusted,
 )
+from p2psync.proto.framing import frame
 
 TICKET_PREFIX = "p2pt"
 TICKET_VERSION = 1
@@ -74,7 +74,6 @@ MAX_JOIN_FRAME = 16 * 1024
 MAX_FAILED_PROOFS = 3
 MAX_OPEN_INVITES = 64
 _TRANSCRIPT_LABEL = b"p2psync join v1\x00"
-_LENGTH = struct.Struct(">I")
 
 JOIN_REQUEST, JOIN_CHALLENGE, JOIN_PROOF, JOIN_WELCOME, JOIN_REFUSED = 40, 41, 42, 43, 44
 JOIN_TYPES = frozenset({JOIN_REQUEST, JOIN_CHALLENGE, JOIN_PROOF, JOIN_WELCOME, JOIN_REFUSED})
@@ -152,8 +151,7 @@ def decode_ticket_untrusted(text: str) -> Ticket:
 
 
 def join_frame(message_type: int, *fields: object) -> bytes:
-    body = pack([message_type, *fields])
-    return _LENGTH.pack(len(body)) + body
+    return frame(pack([message_type, *fields]))
 
 
 def decode_join_untrusted(body: bytes) -> tuple[int, list[object]]:

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -80,6 +79,7 @@ from typing import Final
 from p2psync import defaults
 from p2psync.crypto.identity import NODE_ID_SIZE, SIGNATURE_SIZE, BadNodeId, NodeId
 from p2psync.errors import BadFrame, LocalProtocolError
+from p2psync.proto import framing
 from p2psync.proto.codec import as_bytes, as_int, as_list, as_str, pack, unpack_untrusted
 
 PROTOCOL_VERSION: Final = 1
@@ -91,8 +91,7 @@ MAX_EPOCH: Final = 0xFFFFFFFF
 MAX_VERSION: Final = 0xFFFF
 MAX_ERROR_CODE: Final = 0xFFFF
 
-_LENGTH: Final = struct.Struct(">I")
-FRAME_HEADER_SIZE: Final = _LENGTH.size
+FRAME_HEADER_SIZE: Final = framing.FRAME_HEADER_SIZE
 _TRANSCRIPT_LABEL: Final = b"p2psync sync handshake v1\x00"
 
 
@@ -235,7 +234,7 @@ def encode_frame(body: bytes, *, max_frame: int = defaults.SYNC_MAX_CONTROL_FRAM
     """``u32be len || body``; refuses bodies the peer would refuse."""
     if len(body) > max_frame:
         raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit of {max_frame}")
-    return _LENGTH.pack(len(body)) + body
+    return framing.frame(body)
 
 
 def encode_message_frame(
@@ -383,49 +382,14 @@ def decode_message_untrusted(
 # --- framing ----------------------------------------------------------------------
 
 
-class FrameDecoder:
-    """Split a byte stream into frames, whatever the delivery boundaries.
+class FrameDecoder(framing.FrameDecoder):
+    """The shared framing (:mod:`p2psync.proto.framing`), bounded by default as the
+    control stream is; object streams and the join handshake pass their own limit."""
 
-    :meth:`feed` bytes as they arrive (any split, even one byte at a time),
-    then :meth:`next_frame` until it returns ``None``. A length header over
-    ``max_frame`` raises :class:`BadFrame` as soon as its four bytes are
-    seen, without buffering the body; the decoder is then broken and every
-    later :meth:`feed` raises again. Buffered bytes of an incomplete frame
-    never exceed ``4 + max_frame``; complete frames wait in a queue that
-    only the caller's feeding grows.
-    """
-
-    __slots__ = ("_broken", "_buffer", "_frames", "max_frame")
+    __slots__ = ()
 
     def __init__(self, max_frame: int = defaults.SYNC_MAX_CONTROL_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buffer = bytearray()
-        self._frames: deque[bytes] = deque()
-        self._broken = False
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._broken:
-            raise BadFrame("frame stream already failed")
-        self._buffer += data
-        while len(self._buffer) >= FRAME_HEADER_SIZE:
-            (length,) = _LENGTH.unpack_from(self._buffer)
-            if length > self.max_frame:
-                self._broken = True
-                self._buffer.clear()
-                raise BadFrame(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-            end = FRAME_HEADER_SIZE + length
-            if len(self._buffer) < end:
-                break
-            self._frames.append(bytes(self._buffer[FRAME_HEADER_SIZE:end]))
-            del self._buffer[:end]  # bytearray deletes from the front in O(1)
-
-    def next_frame(self) -> bytes | None:
-        return self._frames.popleft() if self._frames else None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of a frame not yet complete."""
-        return len(self._buffer)
+        super().__init__(max_frame)
 
 
 # --- handshake transcript ---------------------------------------------------------

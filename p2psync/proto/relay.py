@@ -70,13 +70,13 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
 from p2psync.crypto.identity import NODE_ID_SIZE, SIGNATURE_SIZE, NodeId
 from p2psync.errors import BadFrame
+from p2psync.proto import framing
 from p2psync.proto.codec import (
     as_bytes,
     as_int,
@@ -85,6 +85,7 @@ from p2psync.proto.codec import (
     pack,
     unpack_untrusted,
 )
+from p2psync.proto.framing import FrameTooLarge
 
 RELAY_ALPN: Final = "p2psync-relay/1"
 PROTOCOL_VERSION: Final = 1
@@ -110,14 +111,9 @@ _U64: Final = 2**64 - 1
 
 AUTH_CONTEXT: Final = b"p2psync-relay auth v1\0"
 
-_LENGTH: Final = struct.Struct(">I")
-FRAME_HEADER_SIZE: Final = _LENGTH.size
+FRAME_HEADER_SIZE: Final = framing.FRAME_HEADER_SIZE
 
 Address = tuple[str, int]
-
-
-class FrameTooLarge(BadFrame):
-    """A length header announced a frame over the limit (the stream is unusable)."""
 
 
 class RelayErrorCode(enum.IntEnum):
@@ -345,8 +341,7 @@ def encode_message(message: NodeToRelay | RelayToNode) -> bytes:
 
 def encode_frame(message: NodeToRelay | RelayToNode) -> bytes:
     """``u32 length || body``: what goes on the relay stream."""
-    body = encode_message(message)
-    return _LENGTH.pack(len(body)) + body
+    return framing.frame(encode_message(message))
 
 
 def max_frame_for(max_payload: int) -> int:
@@ -497,56 +492,14 @@ def decode_relay_to_node_untrusted(
 # --- stream framing -------------------------------------------------------------------
 
 
-class FrameDecoder:
-    """Split the relay stream into frame bodies, whatever the delivery boundaries.
+class FrameDecoder(framing.FrameDecoder):
+    """The shared framing (:mod:`p2psync.proto.framing`), bounded by default for
+    relay frames carrying payloads up to DEFAULT_MAX_PAYLOAD."""
 
-    :meth:`feed` what arrived (any split, byte by byte included), then call
-    :meth:`next_frame` until it returns ``None``. The partial frame buffered
-    never exceeds ``4 + max_frame`` bytes; a length header over ``max_frame``
-    raises :class:`FrameTooLarge` as soon as its four bytes are seen, without
-    buffering the body, and the decoder stays broken (the stream has lost
-    its framing). Complete frames queue until taken, so a caller that feeds
-    one bounded read at a time and drains before the next bounds memory.
-    """
-
-    __slots__ = ("_broken", "_buffer", "_frames", "max_frame")
+    __slots__ = ()
 
     def __init__(self, max_frame: int = max_frame_for(DEFAULT_MAX_PAYLOAD)) -> None:
-        self.max_frame = max_frame
-        self._buffer = bytearray()
-        self._frames: deque[bytes] = deque()
-        self._broken = False
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._broken:
-            raise FrameTooLarge("relay stream already lost its framing")
-        self._buffer += data
-        buffer = self._buffer
-        start = 0
-        end_of_data = len(buffer)
-        while end_of_data - start >= FRAME_HEADER_SIZE:
-            (length,) = _LENGTH.unpack_from(buffer, start)
-            if length > self.max_frame:
-                self._broken = True
-                buffer.clear()
-                raise FrameTooLarge(
-                    f"frame of {length} bytes exceeds the limit of {self.max_frame}"
-                )
-            end = start + FRAME_HEADER_SIZE + length
-            if end > end_of_data:
-                break
-            self._frames.append(bytes(buffer[start + FRAME_HEADER_SIZE : end]))
-            start = end
-        if start:
-            del buffer[:start]
-
-    def next_frame(self) -> bytes | None:
-        return self._frames.popleft() if self._frames else None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of a frame not yet complete."""
-        return len(self._buffer)
+        super().__init__(max_frame)
 
 
 __all__ = [
