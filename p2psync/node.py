@@ -58,7 +58,7 @@ from p2psync.crypto.identity import BadNodeId, NodeId
 from p2psync.errors import BadFrame, BrokenResourceError, ConfigError, IntegrityError, P2PSyncError
 from p2psync.home import Home
 from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
-from p2psync.net.interfaces import ipv4_addresses
+from p2psync.net.interfaces import ipv4_addresses, parse_host_port
 from p2psync.net.relay_client import RelayClient, open_relay_client, parse_relay_address
 from p2psync.pairing import (
     CHALLENGE_SIZE,
@@ -118,21 +118,6 @@ def _code_name(code: int) -> str:
         return ErrorCode(code).name.lower().replace("_", "-")
     except ValueError:
         return f"code {code}"
-
-
-def parse_host_port(text: str, *, default_host: str = "0.0.0.0") -> Address:
-    """``HOST:PORT``, ``:PORT`` or ``[v6]:PORT``; :class:`ConfigError` says what is wrong."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep:
-        raise ConfigError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]") or default_host
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"{text!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{text!r}: port {port} is outside 0..65535")
-    return host, port
 
 
 @dataclass(frozen=True, slots=True)

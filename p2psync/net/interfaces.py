@@ -1,4 +1,4 @@
-"""This host's IPv4 interface addresses (for tickets and, later, candidates).
+"""Addresses: parsing ``HOST:PORT`` text, and this host's IPv4 interface addresses.
 
 Read with the ``SIOCGIFADDR`` ioctl per interface, so it works inside a
 network namespace and sends no packet. Loopback comes last: it only helps
@@ -11,7 +11,24 @@ import fcntl
 import socket
 import struct
 
+from p2psync.errors import ConfigError
+
 _SIOCGIFADDR = 0x8915
+
+
+def parse_host_port(text: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``[v6]:PORT``; :class:`ConfigError` says what is wrong."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        raise ConfigError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{text!r}: port {port} is outside 0..65535")
+    return host, port
 
 
 def ipv4_addresses() -> list[str]:

@@ -54,6 +54,7 @@ from p2psync import errors
 from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import BadFrame, LocalProtocolError
 from p2psync.net.endpoint import Endpoint, ResourceClosed, Stream
+from p2psync.net.interfaces import parse_host_port
 from p2psync.proto.relay import (
     DEFAULT_MAX_PAYLOAD,
     RELAY_ALPN,
@@ -184,14 +185,15 @@ def parse_relay_address(text: str) -> tuple[NodeId | None, Address]:
             node_id = NodeId.parse(node_part)
         except BadFrame as exc:
             raise errors.ConfigError(f"relay {text!r}: {exc}") from None
-    host, colon, port_text = address_part.rpartition(":")
-    if not colon or not host:
+    try:
+        host, port = parse_host_port(address_part, default_host="")
+    except errors.ConfigError as exc:
+        raise errors.ConfigError(f"relay {text!r}: {exc}") from None
+    if not host:
         raise errors.ConfigError(f"relay {text!r} is not HOST:PORT (e.g. relay.example.org:3478)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if port == 0:
         raise errors.ConfigError(f"relay {text!r}: port must be a number from 1 to 65535")
-    return node_id, (host, int(port_text))
+    return node_id, (host, port)
 
 
 # --- the client -------------------------------------------------------------------------------
