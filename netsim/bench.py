@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
@@ -83,6 +82,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from netsim.benchkit import (
+    BenchFailed,
+    Deadline,
+    die_with_parent,
+    emit,
+    log_tail,
+    make_homes,
+    on_sigterm,
+    print_report,
+    random_file,
+)
 from p2psync import defaults
 from p2psync.crypto.aead import keyed_nonce, xchacha_encrypt
 from p2psync.crypto.group import GroupSecret
@@ -209,18 +219,6 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent goes (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before we asked
-        os._exit(1)
-
-
 def _mark(endpoint: Any = None) -> dict[str, Any]:
     """Now: time, CPU seconds, peak RSS and (given an endpoint) its datagram counters."""
     mark = {"t": time.monotonic(), "cpu": _cpu_s(), "rss": _peak_rss_mib()}
@@ -320,7 +318,7 @@ async def _node_child(args: dict[str, Any]) -> None:
     peers = (StaticPeer.parse(args["peer"]),) if args.get("peer") else ()
     options = NodeOptions(listen=(_LOOPBACK, 0), peers=peers)
     async with open_node(Home(Path(args["home"])), options) as node:
-        _emit(node_id=str(node.node_id), port=node.endpoint.local_address[1], pid=os.getpid())
+        emit(node_id=str(node.node_id), port=node.endpoint.local_address[1], pid=os.getpid())
         commands = trio.lowlevel.FdStream(os.dup(0))
         pending = b""
         while True:
@@ -333,7 +331,7 @@ async def _node_child(args: dict[str, Any]) -> None:
                 cmd = json.loads(line)
                 if cmd["op"] == "quit":
                     return
-                _emit(**await command(node, cmd))
+                emit(**await command(node, cmd))
 
 
 async def _endpoint_receiver(args: dict[str, Any]) -> None:
@@ -343,7 +341,7 @@ async def _endpoint_receiver(args: dict[str, Any]) -> None:
 
     config = EndpointConfig(bind_host=_LOOPBACK)
     async with open_endpoint(Identity.generate(os.urandom), config) as endpoint:
-        _emit(node_id=str(endpoint.node_id), port=endpoint.local_address[1], pid=os.getpid())
+        emit(node_id=str(endpoint.node_id), port=endpoint.local_address[1], pid=os.getpid())
         conn = await endpoint.accept()
         stream = await conn.accept_stream()
         before, total = _mark(endpoint), 0
@@ -352,7 +350,7 @@ async def _endpoint_receiver(args: dict[str, Any]) -> None:
         after = _mark(endpoint)
         await stream.send_all(b"%d" % total)
         await stream.send_eof()
-        _emit(**_window(before, after), bytes=total)
+        emit(**_window(before, after), bytes=total)
         # Stay until the sender has our count (it closes) or we are stopped.
         gone = (trio.BrokenResourceError, trio.ClosedResourceError)
         with trio.move_on_after(30), contextlib.suppress(*gone):
@@ -376,7 +374,7 @@ async def _endpoint_sender(args: dict[str, Any], source: IO[bytes]) -> None:
             reply += data
         after = _mark(endpoint)
         await conn.aclose()
-    _emit(**_window(before, after), bytes=int(reply))
+    emit(**_window(before, after), bytes=int(reply))
 
 
 def _stock_configuration(is_client: bool) -> Any:
@@ -439,9 +437,9 @@ async def _stock_receiver(args: dict[str, Any]) -> None:
         _LOOPBACK, 0, configuration=_stock_configuration(False), stream_handler=on_stream
     )
     assert server._transport is not None
-    _emit(port=server._transport.get_extra_info("sockname")[1], pid=os.getpid())
+    emit(port=server._transport.get_extra_info("sockname")[1], pid=os.getpid())
     await done.wait()
-    _emit(**result)
+    emit(**result)
     await asyncio.sleep(30)  # until the sender has our count and the parent stops us
     server.close()
 
@@ -459,11 +457,11 @@ async def _stock_sender(args: dict[str, Any], source: IO[bytes]) -> None:
         writer.write_eof()
         reply = await reader.read()
         after = _mark()
-    _emit(**_window(before, after), bytes=int(reply))
+    emit(**_window(before, after), bytes=int(reply))
 
 
 def _child_main(role: str, args: dict[str, Any]) -> int:
-    _die_with_parent()
+    die_with_parent()
     import trio
 
     if role == "node":
@@ -484,22 +482,6 @@ def _child_main(role: str, args: dict[str, Any]) -> int:
 
 
 # -- the parent side ---------------------------------------------------------------
-
-
-class BenchFailed(Exception):
-    pass
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def left(self) -> float:
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise BenchFailed(f"the benchmark exceeded --timeout {self.seconds:.0f}s")
-        return left
 
 
 class _Child:
@@ -525,18 +507,22 @@ class _Child:
             self._lines.put(line)
         self._lines.put(None)
 
-    def receive(self, deadline: _Deadline) -> dict[str, Any]:
+    def receive(self, deadline: Deadline) -> dict[str, Any]:
         try:
             line = self._lines.get(timeout=deadline.left())
         except queue.Empty:
-            raise BenchFailed(f"{self.name} did not answer in time{self._log_tail()}") from None
+            raise BenchFailed(
+                f"{self.name} did not answer in time{log_tail(self.log_path)}"
+            ) from None
         if line is None:
             self.proc.wait()
-            raise BenchFailed(f"{self.name} exited (code {self.proc.returncode}){self._log_tail()}")
+            raise BenchFailed(
+                f"{self.name} exited (code {self.proc.returncode}){log_tail(self.log_path)}"
+            )
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    def call(self, deadline: _Deadline, **command: Any) -> dict[str, Any]:
+    def call(self, deadline: Deadline, **command: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(command).encode() + b"\n")
         self.proc.stdin.flush()
@@ -559,13 +545,6 @@ class _Child:
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
-
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
-            if tail:
-                return "; its stderr ends:\n  " + "\n  ".join(tail)
-        return ""
 
 
 class _Children:
@@ -600,29 +579,6 @@ def _progress(verbose: bool, message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def _random_file(path: Path, size_mib: int) -> str:
-    sha = hashlib.sha256()
-    with path.open("wb") as handle:
-        for _ in range(size_mib):
-            block = os.urandom(MiB)
-            sha.update(block)
-            handle.write(block)
-    return sha.hexdigest()
-
-
-def _make_homes(workdir: Path, names: tuple[str, ...]) -> list[Path]:
-    from p2psync.home import Home
-
-    secret = GroupSecret.generate(os.urandom)
-    paths = []
-    for name in names:
-        home = Home(workdir / name)
-        home.init(os.urandom, name=name)
-        home.save_secret(secret)
-        paths.append(home.path)
-    return paths
-
-
 _PATHS = ("stock", "endpoint", "node")
 _SIDES = {
     "stock": ("stock_sender", "stock_receiver"),
@@ -632,7 +588,7 @@ _SIDES = {
 
 
 def _stream_pair(
-    children: _Children, kind: str, source: Path, deadline: _Deadline
+    children: _Children, kind: str, source: Path, deadline: Deadline
 ) -> dict[str, Any]:
     """One stream of ``source`` from a ``kind`` sender to a ``kind`` receiver process."""
     receiver = children.start(f"{kind}-receiver", f"{kind}-receiver")
@@ -649,7 +605,7 @@ def _stream_pair(
 
 
 def _node_pair(
-    children: _Children, homes: list[Path], source: Path, sha256: str, deadline: _Deadline
+    children: _Children, homes: list[Path], source: Path, sha256: str, deadline: Deadline
 ) -> dict[str, Any]:
     """Node A puts ``source``; node B, already linked, syncs it. Timed from put to complete."""
     a_home, b_home = homes
@@ -677,11 +633,11 @@ def _node_pair(
 
 
 def bench_throughput(
-    size_mib: int, rounds: int, workdir: Path, deadline: _Deadline, verbose: bool
+    size_mib: int, rounds: int, workdir: Path, deadline: Deadline, verbose: bool
 ) -> dict[str, Any]:
     load_start = round(os.getloadavg()[0], 2)
     source = workdir / "input.bin"
-    sha256 = _random_file(source, size_mib)
+    sha256 = random_file(source, size_mib)
     mb = size_mib * MiB / 1e6
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in _PATHS}
     with _Children(workdir, verbose) as children:
@@ -690,7 +646,7 @@ def bench_throughput(
             for path in _PATHS[index % 3 :] + _PATHS[: index % 3]:
                 _progress(verbose, f"round {index + 1}/{rounds}: {path}")
                 if path == "node":
-                    homes = _make_homes(workdir / f"round{index}", ("a", "b"))
+                    homes = make_homes(workdir / f"round{index}", ("a", "b"))
                     run = _node_pair(children, homes, source, sha256, deadline)
                     shutil.rmtree(workdir / f"round{index}", ignore_errors=True)
                 else:
@@ -765,12 +721,12 @@ def bench_throughput(
 
 
 def bench_entries(
-    count: int, blobs: bool, workdir: Path, deadline: _Deadline, verbose: bool
+    count: int, blobs: bool, workdir: Path, deadline: Deadline, verbose: bool
 ) -> dict[str, Any]:
     from p2psync.home import Home
 
     load_start = round(os.getloadavg()[0], 2)
-    a_home, b_home = _make_homes(workdir, ("a", "b"))
+    a_home, b_home = make_homes(workdir, ("a", "b"))
     with _Children(workdir, verbose) as children:
         a = children.start("node-a", "node", home=str(a_home))
         b = children.start("node-b", "node", home=str(b_home))
@@ -833,16 +789,6 @@ def bench_entries(
     }
 
 
-def _print(report: dict[str, Any]) -> None:
-    width = max(len(k) for k in report)
-    for key, value in report.items():
-        print(f"{key:<{width}}  {value}")
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: children, work dir
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_child"] and len(argv) == 3:
@@ -880,17 +826,17 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="p2psync-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         if args.bench == "store":
             report = bench_store(args.size_mib, args.entries, workdir)
         elif args.bench == "throughput":
-            deadline = _Deadline(args.timeout)
+            deadline = Deadline(args.timeout)
             report = bench_throughput(args.size_mib, args.rounds, workdir, deadline, args.verbose)
         else:
-            deadline = _Deadline(args.timeout)
+            deadline = Deadline(args.timeout)
             report = bench_entries(args.count, args.blobs, workdir, deadline, args.verbose)
     except BenchFailed as exc:
         print(f"bench {args.bench} failed: {exc}", file=sys.stderr)
@@ -898,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
-    _print(report)
+    print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

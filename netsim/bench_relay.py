@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import hashlib
 import heapq
 import itertools
@@ -96,6 +95,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from netsim.benchkit import (
+    BenchFailed,
+    Deadline,
+    die_with_parent,
+    emit,
+    log_tail,
+    make_homes,
+    on_sigterm,
+    print_report,
+    random_file,
+)
 
 MiB: Final = 1024 * 1024
 MB: Final = 1_000_000
@@ -142,45 +153,9 @@ def proc_rss_mib(pid: int) -> tuple[float, float]:
 # --- plumbing ---------------------------------------------------------------------------------
 
 
-class BenchFailed(Exception):
-    pass
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def left(self) -> float:
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise BenchFailed(f"the benchmark exceeded --timeout {self.seconds:.0f}s")
-        return left
-
-
 def _progress(verbose: bool, message: str) -> None:
     if verbose:
         print(f"bench relay: {message}", file=sys.stderr, flush=True)
-
-
-def _emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent goes (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before we asked
-        os._exit(1)
-
-
-def _log_tail(path: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        tail = path.read_text(errors="replace").splitlines()[-lines:]
-        if tail:
-            return "; its stderr ends:\n  " + "\n  ".join(tail)
-    return ""
 
 
 def _stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -215,21 +190,21 @@ class _Child:
             self._lines.put(line)
         self._lines.put(None)
 
-    def receive(self, deadline: _Deadline) -> dict[str, Any]:
+    def receive(self, deadline: Deadline) -> dict[str, Any]:
         try:
             line = self._lines.get(timeout=deadline.left())
         except queue.Empty:
             raise BenchFailed(
-                f"{self.name} did not answer in time{_log_tail(self.log_path)}"
+                f"{self.name} did not answer in time{log_tail(self.log_path)}"
             ) from None
         if line is None:
             self.proc.wait()
             raise BenchFailed(
-                f"{self.name} exited (code {self.proc.returncode}){_log_tail(self.log_path)}"
+                f"{self.name} exited (code {self.proc.returncode}){log_tail(self.log_path)}"
             )
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
-            raise BenchFailed(f"{self.name}: {reply['error']}{_log_tail(self.log_path)}")
+            raise BenchFailed(f"{self.name}: {reply['error']}{log_tail(self.log_path)}")
         return reply
 
     def send(self, **command: Any) -> None:
@@ -237,7 +212,7 @@ class _Child:
         self.proc.stdin.write(json.dumps(command).encode() + b"\n")
         self.proc.stdin.flush()
 
-    def call(self, deadline: _Deadline, **command: Any) -> dict[str, Any]:
+    def call(self, deadline: Deadline, **command: Any) -> dict[str, Any]:
         self.send(**command)
         return self.receive(deadline)
 
@@ -303,13 +278,13 @@ class _Relayd:
         self.http = ("", 0)
         self.node_id = ""
 
-    def wait_ready(self, deadline: _Deadline) -> None:
+    def wait_ready(self, deadline: Deadline) -> None:
         while True:
             match = _READY.search(self.log_path.read_text(errors="replace"))
             if match is not None:
                 break
             if self.proc.poll() is not None:
-                raise BenchFailed(f"{self.name} exited before ready{_log_tail(self.log_path)}")
+                raise BenchFailed(f"{self.name} exited before ready{log_tail(self.log_path)}")
             deadline.left()
             time.sleep(_POLL)
         self.ready_t = time.monotonic()
@@ -366,7 +341,7 @@ class _Processes:
         _progress(self.verbose, f"started {name} (pid {child.proc.pid})")
         return child
 
-    def relayd(self, name: str, deadline: _Deadline, **kwargs: Any) -> _Relayd:
+    def relayd(self, name: str, deadline: Deadline, **kwargs: Any) -> _Relayd:
         relayd = _Relayd(self.workdir, name, **kwargs)
         self.relayds.append(relayd)
         relayd.wait_ready(deadline)
@@ -469,7 +444,7 @@ async def _node_child(args: dict[str, Any]) -> None:
     peers = (StaticPeer.parse(args["peer"]),) if args.get("peer") else ()
     options = NodeOptions(listen=(_LOOPBACK, 0), peers=peers, relay=args.get("relay"))
     async with open_node(Home(Path(args["home"])), options) as node:
-        _emit(node_id=str(node.node_id), port=node.endpoint.local_address[1], pid=os.getpid())
+        emit(node_id=str(node.node_id), port=node.endpoint.local_address[1], pid=os.getpid())
         commands = trio.lowlevel.FdStream(os.dup(0))
         pending = b""
         while True:
@@ -482,7 +457,7 @@ async def _node_child(args: dict[str, Any]) -> None:
                 cmd = json.loads(line)
                 if cmd["op"] == "quit":
                     return
-                _emit(**await command(node, cmd))
+                emit(**await command(node, cmd))
 
 
 # --- child: lean relay clients ----------------------------------------------------------------
@@ -795,9 +770,9 @@ class _LeanClients:
             self.pending = {"want": int(cmd["count"]), "until": now + float(cmd["timeout"])}
             self.pending["started"] = now
         elif op == "stats":
-            _emit(**self._status(now))
+            emit(**self._status(now))
         else:
-            _emit(error=f"unknown command {op!r}")
+            emit(error=f"unknown command {op!r}")
 
     def _status(self, now: float) -> dict[str, Any]:
         times = sorted(self.handshake_seconds)
@@ -854,7 +829,7 @@ class _LeanClients:
             ):
                 self.pending = None
                 reached = self.connected >= pending["want"]
-                _emit(
+                emit(
                     **self._status(now),
                     reached=reached,
                     seconds=now - pending["started"],
@@ -873,38 +848,14 @@ class _LeanClients:
 # --- throughput -------------------------------------------------------------------------------
 
 
-def _random_file(path: Path, size_mib: int) -> str:
-    sha = hashlib.sha256()
-    with path.open("wb") as handle:
-        for _ in range(size_mib):
-            block = os.urandom(MiB)
-            sha.update(block)
-            handle.write(block)
-    return sha.hexdigest()
-
-
-def _make_homes(workdir: Path) -> tuple[Path, Path]:
-    from p2psync.crypto.group import GroupSecret
-    from p2psync.home import Home
-
-    secret = GroupSecret.generate(os.urandom)
-    paths = []
-    for name in ("a", "b"):
-        home = Home(workdir / name)
-        home.init(os.urandom, name=name)
-        home.save_secret(secret)
-        paths.append(home.path)
-    return paths[0], paths[1]
-
-
 def _transfer(
     procs: _Processes,
     path: str,
     relayd: _Relayd | None,
-    homes: tuple[Path, Path],
+    homes: list[Path],
     source: Path,
     sha256: str,
-    deadline: _Deadline,
+    deadline: Deadline,
 ) -> dict[str, Any]:
     """One blob A -> B over ``path``; relayd's CPU and relayed bytes over the transfer."""
     relay = relayd.relay_text if relayd is not None else None
@@ -962,10 +913,10 @@ def _transfer(
 
 
 def bench_throughput(
-    size_mib: int, rounds: int, workdir: Path, deadline: _Deadline, verbose: bool
+    size_mib: int, rounds: int, workdir: Path, deadline: Deadline, verbose: bool
 ) -> dict[str, Any]:
     source = workdir / "blob.bin"
-    sha256 = _random_file(source, size_mib)
+    sha256 = random_file(source, size_mib)
     runs: dict[str, list[dict[str, Any]]] = {path: [] for path in _THROUGHPUT_PATHS}
     with _Processes(workdir, verbose) as procs:
         relayds = {
@@ -980,7 +931,7 @@ def bench_throughput(
         for index in range(rounds):
             order = _THROUGHPUT_PATHS[index % 3 :] + _THROUGHPUT_PATHS[: index % 3]
             for path in order:
-                homes = _make_homes(workdir / f"round{index}-{path}")
+                homes = make_homes(workdir / f"round{index}-{path}")
                 run = _transfer(procs, path, relayds[path], homes, source, sha256, deadline)
                 shutil.rmtree(workdir / f"round{index}-{path}", ignore_errors=True)
                 _progress(
@@ -1086,7 +1037,7 @@ def bench_idle(
     window: int,
     rss_cap_mib: float,
     workdir: Path,
-    deadline: _Deadline,
+    deadline: Deadline,
     verbose: bool,
 ) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
@@ -1194,7 +1145,7 @@ def bench_idle(
 
 
 def bench_restart(
-    nodes: int, per_ip: int, window: int, workdir: Path, deadline: _Deadline, verbose: bool
+    nodes: int, per_ip: int, window: int, workdir: Path, deadline: Deadline, verbose: bool
 ) -> dict[str, Any]:
     data_dir = workdir / "relayd-restart-data"
     with _Processes(workdir, verbose) as procs:
@@ -1258,7 +1209,7 @@ def bench_restart(
 
 
 def _child_main(role: str, args: dict[str, Any]) -> int:
-    _die_with_parent()
+    die_with_parent()
     if role == "node":
         import trio
 
@@ -1268,21 +1219,6 @@ def _child_main(role: str, args: dict[str, Any]) -> int:
     else:
         raise SystemExit(f"unknown child role {role!r}")
     return 0
-
-
-def _print(report: dict[str, Any]) -> None:
-    width = max(len(k) for k in report)
-    for key, value in report.items():
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            print(f"{key}:")
-            for item in value:
-                print(f"  {json.dumps(item)}")
-        else:
-            print(f"{key:<{width}}  {value}")
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # run the finally blocks: children, work dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1316,7 +1252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the parts asked for; the report. Raises BenchFailed."""
     parts = args.only or ["throughput", "idle", "restart"]
-    deadline = _Deadline(args.timeout)
+    deadline = Deadline(args.timeout)
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="p2psync-bench-relay-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -1373,13 +1309,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         report = run(args)
     except BenchFailed as exc:
         print(f"bench relay failed: {exc}", file=sys.stderr)
         return 1
-    _print(report)
+    print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
