@@ -242,8 +242,8 @@ async def _node_child(args: dict[str, Any]) -> None:
     from p2psync.home import Home
     from p2psync.node import Node, NodeOptions, StaticPeer, open_node
 
-    # Completion is polled at a fixed rate on purpose: waking on every
-    # node.wait_progress() would take the store lock hundreds of times a second.
+    # Completion is polled at a fixed rate on purpose: waking on every stored
+    # object would take the store lock hundreds of times a second.
     async def poll(node: Node, check: Callable[[], bool]) -> None:
         while not await node.locked(check):  # noqa: ASYNC110
             await trio.sleep(_POLL)

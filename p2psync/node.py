@@ -46,7 +46,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -176,7 +176,6 @@ class PeerInfo:
     bytes_out: int = 0
     rtt_ms: float | None = None
     lan_addresses: tuple[Address, ...] = ()  # from mDNS
-    sessions_closed: dict[str, int] = field(default_factory=dict)
 
 
 async def _read_first_frame(stream: Any) -> tuple[bytes, bytes]:
@@ -315,7 +314,6 @@ class PeerLink:
                     self._close_reason = event.reason
                     node._session_closed(self, event)
                     self.kick()
-        node._progress_changed()
 
     def _peer_label(self) -> str:
         their = self.their_node
@@ -437,7 +435,6 @@ class Node:
         self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
         self._changes = trio.Event()  # set and replaced on every store change
-        self._progress = trio.Event()
 
     @property
     def node_id(self) -> NodeId:
@@ -454,10 +451,6 @@ class Node:
         self._changes.set()
         self._changes = trio.Event()
 
-    def _progress_changed(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
-
     def changes(self) -> trio.Event:
         """An event set at the next change to the store (local or from a peer).
 
@@ -465,9 +458,6 @@ class Node:
         slip between the read and the wait.
         """
         return self._changes
-
-    async def wait_progress(self) -> None:
-        await self._progress.wait()
 
     def _announce_local(self, stored: StoredEntry) -> None:
         raw = stored.entry.encode()
@@ -753,7 +743,6 @@ class Node:
             if info is not None:
                 info.path = "none"
                 info.last_seen = time.time()
-        self._progress_changed()
 
     # --- loops ------------------------------------------------------------------------
 
