@@ -173,3 +173,13 @@ LAN_DIAL_TIMEOUT = 3.0
 # Asking the relay where a peer is should take one round trip; give up on
 # the lookup (and dial over the relay anyway) after this long.
 RELAY_LOOKUP_TIMEOUT = 2.0
+
+# --- relay service streams (p2psync.proto.services) ---------------------------
+# Streams besides the relay stream a node may hold open on one relay
+# connection: one per service in use (mailbox, invites) with room to spare.
+RELAY_MAX_SERVICE_STREAMS = 8
+# The OPEN frame must arrive this soon after the stream opens.
+RELAY_SERVICE_OPEN_TIMEOUT = 10.0
+# A service write that does not finish in this long means the node stopped
+# reading; the relay ends that stream (not the connection).
+RELAY_SERVICE_WRITE_TIMEOUT = 10.0

@@ -19,6 +19,11 @@ Per QUIC connection (wire format: :mod:`p2psync.proto.relay`)::
                slow node never stalls anyone else.
     close   <- ERROR, then FIN; the node hangs up, or we close with the same
                code as the QUIC application error after CLOSE_GRACE_S.
+    streams -> every further stream the node opens is a service stream
+               (:mod:`p2psync.proto.services`): OPEN names a registered
+               service (:mod:`relayd.services`); once the node is
+               authenticated its handler gets the stream and the proven
+               NodeId. At most RELAY_MAX_SERVICE_STREAMS per connection.
 
 Identity: relayd has its own Ed25519 identity (its NodeId is the QUIC
 certificate key nodes pin). With ``--data DIR`` it is kept in
@@ -42,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +55,7 @@ from typing import Final
 
 import trio
 
+from p2psync import defaults
 from p2psync.crypto.identity import SEED_SIZE, Identity, NodeId
 from p2psync.errors import BadFrame, ConfigError
 from p2psync.net.endpoint import (
@@ -60,6 +66,7 @@ from p2psync.net.endpoint import (
     Stream,
     open_endpoint,
 )
+from p2psync.net.service_stream import FramedStream
 from p2psync.net.stun import is_stun
 from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
 from p2psync.proto.relay import (
@@ -73,10 +80,19 @@ from p2psync.proto.relay import (
     encode_frame,
     max_frame_for,
 )
+from p2psync.proto.services import (
+    MAX_OPEN_FRAME,
+    Accept,
+    Refuse,
+    ServiceRefusal,
+    decode_open_untrusted,
+    encode_reply,
+)
 from relayd import server
 from relayd.config import HostPort, RelaydConfig
 from relayd.metrics import Counter, Registry
 from relayd.routing import AccessPolicy, AuthFailure, DropReason, Router, RoutingLimits
+from relayd.services import Service, ServiceCall
 from relayd.state import ConnectionCounter, LogGate
 
 __all__ = [
@@ -106,8 +122,9 @@ HANDSHAKE_SLACK: Final = 64
 # Handshaken connections waiting for the accept loop; the loop only spawns a
 # task each, so this absorbs a reconnect storm after a restart.
 ACCEPT_BACKLOG: Final = 1024
-# The node opens one stream; one spare keeps a racing retry from being refused.
-MAX_STREAMS_PER_CONNECTION: Final = 2
+# The node opens its relay stream and up to RELAY_MAX_SERVICE_STREAMS service
+# streams; one spare keeps a racing retry from being refused.
+MAX_STREAMS_PER_CONNECTION: Final = 2 + defaults.RELAY_MAX_SERVICE_STREAMS
 
 _STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
 
@@ -185,15 +202,19 @@ class _Session:
         "conn",
         "ip",
         "log",
+        "observed",
         "read_scope",
+        "service_streams",
         "stream",
         "wake",
     )
 
-    def __init__(self, conn: Connection, stream: Stream, ip: str) -> None:
+    def __init__(self, conn: Connection, stream: Stream, ip: str, observed: Address | None) -> None:
         self.conn = conn
         self.stream = stream
         self.ip = ip
+        self.observed = observed
+        self.service_streams = 0
         self.wake = trio.Event()
         self.read_scope: trio.CancelScope | None = None
         self.close_code: RelayErrorCode | None = None
@@ -241,11 +262,20 @@ class QuicRelay:
         self.log_gate = LogGate(limits.log_interval_s)
         self.sessions: set[_Session] = set()
         self._stun_handler: server.StunHandler | None = None
+        self.services: dict[str, Service] = {}
         self._stopping = False
         self._all_gone = trio.Event()
         self._stopped = trio.Event()
         self._register_metrics(registry or Registry(limits.metrics_max_label_sets))
         _pass_classic_stun(endpoint, self._classic_stun)
+
+    def register_service(self, service: Service) -> None:
+        """Offer ``service`` on service streams (see :mod:`relayd.services`)."""
+        if service.name in self.services:
+            raise ValueError(f"service {service.name!r} is already registered")
+        self.services[service.name] = service
+        for result in ("ok", "refused", "error"):
+            self.m_service_streams.inc(0, service=service.name, result=result)
 
     # --- server.RelayPlugin ---------------------------------------------------------
 
@@ -326,6 +356,11 @@ class QuicRelay:
             "Datagrams the relay's endpoint dropped (in or out).",
             ("reason",),
         )
+        self.m_service_streams = m.counter(
+            "relayd_service_streams_total",
+            "Service streams (invites, mailbox) opened, by service and outcome.",
+            ("service", "result"),
+        )
         self.m_log_suppressed = m.counter(
             "relayd_relay_log_lines_suppressed_total",
             "Relay log lines suppressed by the per-reason rate limit.",
@@ -397,7 +432,7 @@ class QuicRelay:
             started = trio.current_time()
             with trio.move_on_after(limits.handshake_timeout_s):
                 stream = await conn.accept_stream()
-                session = _Session(conn, stream, ip)
+                session = _Session(conn, stream, ip, observed)
             if session is None:
                 self._count_close(RelayErrorCode.TIMEOUT)
                 await conn.aclose(RelayErrorCode.TIMEOUT, "no relay stream in time")
@@ -408,6 +443,7 @@ class QuicRelay:
                 self._wake(self.router.fail(session, RelayErrorCode.SHUTTING_DOWN, "shutting down"))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, session)
+                nursery.start_soon(self._accept_services, session, nursery)
                 await self._reader(session, started)
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -474,6 +510,96 @@ class QuicRelay:
             what = "idle for too long" if authenticated else "relay handshake not finished in time"
             self._fail(session, RelayErrorCode.TIMEOUT, what)
             deadline = trio.current_time() + limits.write_timeout_s + CLOSE_GRACE_S
+
+    # --- service streams ----------------------------------------------------------------
+
+    async def _accept_services(self, session: _Session, nursery: trio.Nursery) -> None:
+        """Hand each further stream of ``session`` to the service its OPEN frame names."""
+        while True:
+            try:
+                stream = await session.conn.accept_stream()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the connection is over; the reader sees it too
+            nursery.start_soon(self._serve_service, session, stream)
+
+    async def _serve_service(self, session: _Session, stream: Stream) -> None:
+        framed = FramedStream(stream, MAX_OPEN_FRAME)
+        name = "?"
+        counted = False
+        try:
+            with trio.fail_after(defaults.RELAY_SERVICE_OPEN_TIMEOUT):
+                body = await framed.receive()
+                refusal, service, version = self._admit_service(session, body)
+                if service is not None:
+                    name = service.name
+                if refusal is not None:
+                    code, text = refusal
+                    self.m_service_streams.inc(service=name, result="refused")
+                    self._note(
+                        "service-refused", "service stream from %s refused: %s", session.ip, text
+                    )
+                    await framed.send(encode_reply(Refuse(code, text)))
+                    return
+                assert service is not None
+                node_id = self.router.node_of(session)
+                assert node_id is not None
+                await framed.send(encode_reply(Accept(version)))
+            session.service_streams += 1
+            counted = True
+            self.m_service_streams.inc(service=name, result="ok")
+            framed.max_frame = service.max_frame
+            call = ServiceCall(name, version, node_id, session.ip, session.observed, framed)
+            await service.handler(call)
+        except (
+            BadFrame,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ) as exc:
+            self.m_service_streams.inc(service=name, result="error")
+            self._note(
+                f"service-{name}", "service %s stream from %s ended: %s", name, session.ip, exc
+            )
+        except Exception:
+            self.m_service_streams.inc(service=name, result="error")
+            log.exception("service %s failed on a stream from %s", name, session.ip)
+        finally:
+            if counted:
+                session.service_streams -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _admit_service(
+        self, session: _Session, body: bytes | None
+    ) -> tuple[tuple[ServiceRefusal, str] | None, Service | None, int]:
+        """(refusal or None, the service if known, version) for an OPEN frame."""
+        if body is None:
+            return (ServiceRefusal.BAD_OPEN, "stream ended before OPEN"), None, 0
+        try:
+            request = decode_open_untrusted(body)
+        except BadFrame as exc:
+            return (ServiceRefusal.BAD_OPEN, str(exc)), None, 0
+        service = self.services.get(request.service)
+        if service is None:
+            return (ServiceRefusal.UNKNOWN_SERVICE, f"no service {request.service!r}"), None, 0
+        if self.router.node_of(session) is None or self.router.closing(session):
+            return (ServiceRefusal.NOT_AUTHENTICATED, "authenticate first"), service, 0
+        if self._stopping:
+            return (ServiceRefusal.UNAVAILABLE, "relay is shutting down"), service, 0
+        if request.version not in service.versions:
+            versions = ", ".join(str(v) for v in sorted(service.versions))
+            return (
+                (ServiceRefusal.UNSUPPORTED_VERSION, f"{service.name} speaks version {versions}"),
+                service,
+                0,
+            )
+        if session.service_streams >= defaults.RELAY_MAX_SERVICE_STREAMS:
+            return (
+                (ServiceRefusal.TOO_MANY_STREAMS, "too many service streams on this connection"),
+                service,
+                0,
+            )
+        return None, service, request.version
 
     def _fail(self, session: _Session, code: RelayErrorCode, reason: str) -> None:
         session.log.debug("relay connection failed: %s", reason)
@@ -621,6 +747,7 @@ async def serve(
     *,
     identity: Identity | None = None,
     policy: AccessPolicy | None = None,
+    services: Sequence[Service] = (),
     task_status: trio.TaskStatus[RelaydAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run relayd — QUIC relay and STUN on one UDP port, HTTP — until cancelled.
@@ -628,6 +755,7 @@ async def serve(
     ``identity`` defaults to :func:`load_or_create_identity` on
     ``config.data_dir``; ``policy`` (allow-list, access token) to the one
     the config asks for (:meth:`RelaydConfig.access_policy`; open if none).
+    ``services`` are offered on service streams (:mod:`relayd.services`).
     Bind failures raise :class:`~p2psync.errors.ConfigError` before
     ``task_status.started``. Cancellation is the graceful shutdown (module
     docstring); it takes at most about ``SHUTDOWN_GRACE_S``.
@@ -645,6 +773,8 @@ async def serve(
         with trio.CancelScope(shield=True):
             async with _open_relay_endpoint(config, relay_identity) as endpoint:
                 relay = QuicRelay(config, endpoint, relay_identity, policy=relay_policy)
+                for service in services:
+                    relay.register_service(service)
                 async with trio.open_nursery() as nursery:
                     bound: server.BoundAddresses = await nursery.start(
                         partial(server.serve, config, relay=relay, registry=relay.registry)

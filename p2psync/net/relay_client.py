@@ -53,8 +53,9 @@ import trio
 from p2psync import errors
 from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import BadFrame, LocalProtocolError
-from p2psync.net.endpoint import Endpoint, ResourceClosed, Stream
+from p2psync.net.endpoint import Connection, Endpoint, ResourceClosed, Stream
 from p2psync.net.interfaces import parse_host_port
+from p2psync.net.service_stream import FramedStream, open_service
 from p2psync.proto.relay import (
     DEFAULT_MAX_PAYLOAD,
     RELAY_ALPN,
@@ -238,6 +239,7 @@ class RelayClient:
         self._pongs: dict[int, float] = {}
         self._pong_lot = trio.lowlevel.ParkingLot()
         self._session_id = 0
+        self._conn: Connection | None = None
 
     def __repr__(self) -> str:
         return (
@@ -302,6 +304,22 @@ class RelayClient:
         finally:
             self._lookups.pop(request_id, None)
 
+    async def open_service(self, service: str, version: int, max_frame: int) -> FramedStream:
+        """Open a service stream (mailbox, invites) on the current relay connection.
+
+        Raises :class:`RelayUnavailable` when not connected and
+        :class:`~p2psync.net.service_stream.ServiceRefused` when the relay
+        says no. The stream breaks when the relay connection does; open a
+        new one after :meth:`wait_connected`.
+        """
+        conn = self._conn
+        if not self.connected or conn is None:
+            raise RelayUnavailable(f"not connected to relay {self.relay_node_id.short()}")
+        try:
+            return await open_service(conn, service, version, max_frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ResourceClosed) as exc:
+            raise RelayUnavailable(f"relay connection lost opening {service}: {exc}") from exc
+
     # --- the connection loop ---------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -341,6 +359,7 @@ class RelayClient:
             self.our_public_address = welcome.observed
             self._drain_stale_sends()
             self._session_id += 1
+            self._conn = conn
             self.state = RelayState.CONNECTED
             self.stats.connects += 1
             self._connected_event.set()
@@ -356,6 +375,7 @@ class RelayClient:
                 await self._reader(stream, decoder)
                 nursery.cancel_scope.cancel()
         finally:
+            self._conn = None
             if self.state is RelayState.CONNECTED:
                 self.state = RelayState.CONNECTING
             self._session_id += 1
