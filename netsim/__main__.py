@@ -189,7 +189,7 @@ def _run(options: argparse.Namespace) -> int:
     if _cannot_run():
         return EXIT_CANNOT_RUN
     scenario_options = _options(options)
-    if options.scenario in ("pair", "lossy"):
+    if options.scenario in ("pair", "lossy", "pair-50ms", "direct-break"):
         scenario_options = dataclasses.replace(scenario_options, a=options.a, b=options.b)
     result = run_scenario(options.scenario, scenario_options)
     if str(options.json) != "-":

@@ -797,6 +797,10 @@ def main(argv: list[str] | None = None) -> int:
         from netsim import bench_relay
 
         return bench_relay.main(argv[1:])
+    if argv[:1] == ["mailbox"]:  # relayd's mailbox: pushes/s, pulls/s, MB/s, RSS
+        from netsim import bench_mailbox
+
+        return bench_mailbox.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m netsim.bench",
         description=__doc__,

@@ -14,8 +14,8 @@ CPU seconds from ``/proc/PID/stat``, its RSS from ``/proc/PID/status``):
 
     - *direct*: B dials A's loopback address; no relay;
     - *relayed*: both nodes use relayd as home relay, B knows only A's
-      NodeId, and ``Endpoint.add_candidate`` is a no-op in both node
-      processes (as in tests/node/test_relayed_sync.py), so every datagram
+      NodeId, and both node processes run with ``EndpointConfig(hole_punching=False)``
+      (as in tests/node/test_relayed_sync.py), so every datagram
       goes through relayd; relayd runs with its **default limits** (a node
       may send 8 MiB/s after a 16 MiB burst, relayd/defaults.py);
     - *relayed-unthrottled*: the same against a second relayd whose per-node
@@ -376,15 +376,11 @@ async def _node_child(args: dict[str, Any]) -> None:
 
     from p2psync import ops
     from p2psync.home import Home
-    from p2psync.net.endpoint import Endpoint
+    from p2psync.net.endpoint import EndpointConfig
     from p2psync.node import Node, NodeOptions, StaticPeer, open_node
 
-    if args.get("block_direct"):
-        # As tests/node/test_relayed_sync.py: no direct address is ever learnt.
-        def no_candidate(self: Endpoint, node_id: object, address: object) -> None:
-            return None
-
-        Endpoint.add_candidate = no_candidate  # type: ignore[method-assign]
+    # As tests/node/test_relayed_sync.py: no direct address is ever learnt.
+    endpoint = EndpointConfig(hole_punching=False) if args.get("block_direct") else None
 
     async def poll(node: Node, check: Callable[[], bool]) -> None:
         while not await node.locked(check):  # noqa: ASYNC110 -- fixed-rate poll on purpose
@@ -442,7 +438,9 @@ async def _node_child(args: dict[str, Any]) -> None:
         raise ValueError(f"unknown command {op!r}")
 
     peers = (StaticPeer.parse(args["peer"]),) if args.get("peer") else ()
-    options = NodeOptions(listen=(_LOOPBACK, 0), peers=peers, relay=args.get("relay"))
+    options = NodeOptions(
+        listen=(_LOOPBACK, 0), peers=peers, relay=args.get("relay"), endpoint=endpoint
+    )
     async with open_node(Home(Path(args["home"])), options) as node:
         emit(node_id=str(node.node_id), port=node.endpoint.local_address[1], pid=os.getpid())
         commands = trio.lowlevel.FdStream(os.dup(0))
@@ -980,6 +978,11 @@ def bench_throughput(
             report[f"{name}_seconds_each_round"] = [round(r["seconds"], 2) for r in runs[path]]
     for path in _THROUGHPUT_PATHS[1:]:
         name = path.replace("-", "_")
+        if rounds > 1:  # the spread: each round's ratio against that round's direct run
+            report[f"{name}_ratio_each_round"] = [
+                round(direct["seconds"] / relayed["seconds"], 3)
+                for direct, relayed in zip(runs["direct"], runs[path], strict=True)
+            ]
         report[f"{name}_cpu_bound_ratio_vs_direct"] = round(
             report[f"{name}_cpu_bound_mb_s"] / report["direct_cpu_bound_mb_s"], 3
         )

@@ -17,11 +17,24 @@ The scenarios
 ``pair`` (``a`` and ``b`` NAT kinds)
     Two sites of the given kinds, one host each. Each daemon gets the other
     host's *public* address (its own, for ``none``/``firewall``; its NAT's,
-    for translating kinds) and the daemon port as a static peer. That is
-    the whole direct attempt until NAT traversal lands: it reaches a public
-    host, a ``firewall`` host when both dial at once, and a NAT'd host only
-    by luck (a port-preserving mapping). Plus the relay when the daemon
-    has ``--relay``.
+    for translating kinds) and the daemon port as a static peer, and relayd
+    as its relay. That address reaches a public host at once; behind a NAT
+    it is the wrong port, the dial goes over the relay, and hole punching
+    (CALL_ME_MAYBE, and the birthday search against a ``hard`` NAT) moves
+    the pair to a direct path where the NATs allow one.
+``pair-50ms``
+    ``pair`` with 12.5 ms on each site's uplink: 50 ms RTT between the nodes,
+    the condition of issue 6's time-to-direct figure.
+``lan-relay``
+    Two hosts on one LAN behind a hairpinning ``easy`` NAT, b knowing a by
+    NodeId only, both on relayd: the path must end ``lan`` (found through
+    the relay's lookup, CALL_ME_MAYBE and mDNS), never a hairpin through the
+    router's public address.
+``direct-break`` (``a`` and ``b``, default ``easy``)
+    The pair goes direct; each side puts a 24 MiB file, and once a transfer
+    is under way an nft rule on a drops all UDP to and from b's public
+    address. The pair must fall back to the relay (notes: how long it took)
+    on the same connections, and every byte must arrive.
 ``line-3``
     Three nodes where only neighbours can talk: ``a`` and ``c`` behind two
     separate ``easy`` NATs, ``b`` on a public (``none``) site between them.
@@ -57,6 +70,13 @@ relay are watched for up to ``settle_s`` more to catch a relay→direct
 upgrade. The final ``path`` of a pair combines both sides'
 ``status``: ``direct`` if either says direct (``lan`` when both hosts are
 on the same site), else ``relay`` if either says relay, else ``none``.
+``t_relay_to_direct_s`` is the slower side's ``direct_after_s`` from
+``status`` (from its first relayed datagram to its first validated direct
+path; None when the pair never used the relay or never went direct) and
+``relay_bytes_after_direct`` the sum of both sides' bytes sent through relayd
+after that; ``why_not_direct`` a side's ``last_direct_failure`` when the pair
+did not end direct. relayd runs with ``--stun-alt-port`` (its port + 1) so
+the daemons' netcheck tells easy from hard NAT.
 ``relayed_bytes`` is relayd's ``relayd_relayed_bytes_total`` counter at the
 end (None when relayd did not run or did not answer). Every received file
 is fetched with ``get`` and compared byte for byte: ``synced`` means every
@@ -84,7 +104,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from netsim.build import Network, build
 from netsim.errors import CommandFailed, NetsimError, WaitTimeout
@@ -96,6 +116,8 @@ DAEMON_PORT = 47300
 """Every daemon listens on this UDP port in its own namespace (p2psync's default)."""
 RELAY_HOST = "relay"
 RELAY_PORT = 3478
+RELAY_STUN_ALT_PORT = RELAY_PORT + 1
+"""relayd's second STUN port: where the daemons' netcheck looks (their port + 1)."""
 RELAY_HTTP_PORT = 8080
 DEFAULT_SYNC_TIMEOUT_S = 60.0
 """Longest wait for a scenario's files to arrive everywhere."""
@@ -119,7 +141,8 @@ LOSSY_PAYLOAD_SIZE = 256 * 1024
 # 1 - 0.99**2 ~ 2% loss per direction.
 LOSSY_UPLINK = LinkConditions(delay_ms=25.0, loss_percent=1.0)
 
-NodeAddress = Callable[[Network, str], IPv4Address]
+NodeAddress = Callable[[Network, str], IPv4Address | None]
+"""Where a daemon finds a static peer; None: by NodeId alone (through the relay)."""
 Progress = Callable[[str], None]
 
 
@@ -134,6 +157,13 @@ class PairResult(TypedDict):
     """``lan``, ``direct``, ``relay`` or ``none``."""
     t_first_sync_s: float | None
     t_direct_s: float | None
+    t_relay_to_direct_s: NotRequired[float | None]
+    """From the first datagram relayed to a validated direct path, both ways (the
+    slower side's ``direct_after_s`` in ``status``); None: never relayed, or never direct."""
+    relay_bytes_after_direct: NotRequired[int | None]
+    """Bytes both sides sent through relayd after their first direct path (``status``)."""
+    why_not_direct: NotRequired[str | None]
+    """A side's ``last_direct_failure`` when the pair did not end direct."""
 
 
 class ScenarioResult(TypedDict):
@@ -206,6 +236,9 @@ class _PeerView:
     """Wall-clock time the path (else the connection) began, as ``status`` reports it."""
     since_is_path: bool
     """``since`` is the path's own start (``path_since``), not the connection's."""
+    direct_after_s: float | None = None
+    relay_bytes_after_direct: int | None = None
+    last_direct_failure: str | None = None
 
 
 @dataclass(slots=True)
@@ -217,6 +250,9 @@ class _PairWatch:
     t_direct_s: float | None = None
     path: str = "none"
     seen_relay: bool = False
+    t_relay_to_direct_s: float | None = None
+    relay_bytes_after_direct: int | None = None
+    why_not_direct: str | None = None
 
 
 class SyncRun:
@@ -289,6 +325,8 @@ class SyncRun:
             f"0.0.0.0:{RELAY_HTTP_PORT}",
             "--data",
             str(data),
+            "--stun-alt-port",  # netcheck: a second STUN port tells easy from hard NAT
+            str(RELAY_STUN_ALT_PORT),
         )
         self.relay = self.net.spawn(RELAY_HOST, argv, name="relayd")
         _wait_for_log(self.relay, "relayd ready", timeout=READY_TIMEOUT_S)
@@ -349,7 +387,8 @@ class SyncRun:
             ]
             for peer in peers.get(node.host, ()):
                 address = address_of(self.net, peer)
-                argv += ["--peer", f"{self.nodes[peer].node_id}@{address}:{DAEMON_PORT}"]
+                where = "" if address is None else f"@{address}:{DAEMON_PORT}"
+                argv += ["--peer", f"{self.nodes[peer].node_id}{where}"]
             node.proc = self.net.spawn(
                 node.host, python_module_argv("p2psync.cli", *argv), name=f"{node.host}-daemon"
             )
@@ -418,12 +457,51 @@ class SyncRun:
             if not isinstance(peer, dict):
                 continue
             since = peer.get("path_since", peer.get("connected_since"))
+            traversal = peer.get("traversal") if isinstance(peer.get("traversal"), dict) else {}
+            assert isinstance(traversal, dict)
+            after = traversal.get("direct_after_s")
+            relayed = traversal.get("relay_bytes_after_direct")
+            failure = peer.get("last_direct_failure")
             views[str(peer.get("node_id"))] = _PeerView(
                 path=str(peer.get("path")),
                 since=float(since) if isinstance(since, int | float) else None,
-                since_is_path="path_since" in peer,
+                since_is_path=peer.get("path_since") is not None,
+                direct_after_s=float(after) if isinstance(after, int | float) else None,
+                relay_bytes_after_direct=int(relayed) if isinstance(relayed, int) else None,
+                last_direct_failure=str(failure) if failure else None,
             )
         return views
+
+    def wait_path(
+        self, host: str, peer: str, paths: Sequence[str], *, timeout_s: float
+    ) -> float | None:
+        """Seconds from ``t0`` when ``host``'s status first shows ``peer`` on one of ``paths``."""
+        node, other = self.nodes[host], self.nodes[peer]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_daemons_alive()
+            views = self.peer_paths(node)
+            view = None if views is None else views.get(other.node_id)
+            if view is not None and view.path in paths:
+                return time.monotonic() - self.t0
+            time.sleep(POLL_PAUSE_S)
+        self.notes.append(f"{host} never saw {peer} on {'/'.join(paths)} in {timeout_s:g} s")
+        return None
+
+    def wait_transfer_started(self, host: str, *, timeout_s: float) -> None:
+        """Until ``host``'s status lists an incoming transfer with bytes done."""
+        node = self.nodes[host]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.cli_json(node, "status")
+            transfers = state.get("transfers") if isinstance(state, dict) else None
+            if isinstance(transfers, list) and any(
+                isinstance(t, dict) and t.get("bytes_done", 0) > 0 and not t.get("complete")
+                for t in transfers
+            ):
+                return
+            time.sleep(POLL_PAUSE_S)
+        raise ScenarioError(f"no transfer started on {host} within {timeout_s:g} s")
 
     def watch_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[_PairWatch]:
         watches = []
@@ -503,7 +581,7 @@ class SyncRun:
             if view is not None
         ]
         kinds = {view.path for view in views}
-        path = "direct" if "direct" in kinds else "relay" if "relay" in kinds else "none"
+        path = "direct" if kinds & {"direct", "lan"} else "relay" if "relay" in kinds else "none"
         watch.seen_relay = watch.seen_relay or path == "relay"
         if path == "direct" and watch.t_direct_s is None:
             # Prefer the time status gives for the path (sub-second) over our poll time.
@@ -517,6 +595,16 @@ class SyncRun:
             began = min(starts) - self.t0_wall if starts else now
             watch.t_direct_s = round(max(0.0, min(began, now)), 2)
         watch.path = "lan" if path == "direct" and watch.same_site else path
+        afters = [v.direct_after_s for v in views if v.direct_after_s is not None]
+        if path == "direct" and afters:
+            watch.t_relay_to_direct_s = round(max(afters), 3)
+        relayed = [
+            v.relay_bytes_after_direct for v in views if v.relay_bytes_after_direct is not None
+        ]
+        if relayed:
+            watch.relay_bytes_after_direct = sum(relayed)
+        failures = [v.last_direct_failure for v in views if v.last_direct_failure]
+        watch.why_not_direct = failures[0] if failures and path != "direct" else None
 
     def _check_daemons_alive(self) -> None:
         for node in self.nodes.values():
@@ -573,7 +661,14 @@ def _result(
         synced=synced,
         pairs=[
             PairResult(
-                a=w.a, b=w.b, path=w.path, t_first_sync_s=w.t_first_sync_s, t_direct_s=w.t_direct_s
+                a=w.a,
+                b=w.b,
+                path=w.path,
+                t_first_sync_s=w.t_first_sync_s,
+                t_direct_s=w.t_direct_s,
+                t_relay_to_direct_s=w.t_relay_to_direct_s,
+                relay_bytes_after_direct=w.relay_bytes_after_direct,
+                why_not_direct=w.why_not_direct,
             )
             for w in watches
         ],
@@ -699,6 +794,24 @@ def pair(options: ScenarioOptions) -> ScenarioResult:
     )
 
 
+# Issue 6's RTT for the time-to-direct figure: 4 x 12.5 ms = 50 ms between the nodes.
+RTT50_UPLINK = LinkConditions(delay_ms=12.5)
+
+
+def pair_50ms(options: ScenarioOptions) -> ScenarioResult:
+    """``pair`` with 50 ms RTT between the nodes (:data:`RTT50_UPLINK` on both uplinks)."""
+    return _sync_scenario(
+        "pair-50ms",
+        {"a": str(options.a), "b": str(options.b), "rtt": "50 ms"},
+        _two_sites(options.a, options.b, uplink=RTT50_UPLINK),
+        options,
+        hosts=("a", "b"),
+        peers={"a": ("b",), "b": ("a",)},
+        address_of=_public,
+        pairs=(("a", "b"),),
+    )
+
+
 def lossy(options: ScenarioOptions) -> ScenarioResult:
     """``pair`` with :data:`LOSSY_UPLINK` on both sites' uplinks (easy↔easy by default)."""
     conditions = LOSSY_UPLINK
@@ -805,12 +918,117 @@ def relay_restart(options: ScenarioOptions) -> ScenarioResult:
         )
 
 
+def _by_node_id(net: Network, host: str) -> IPv4Address | None:
+    return None
+
+
+def lan_relay(options: ScenarioOptions) -> ScenarioResult:
+    """Two hosts on one LAN behind a hairpinning NAT, peers known by NodeId only, a relay.
+
+    They find each other through relayd and CALL_ME_MAYBE (and mDNS); the
+    path must end on the LAN: not the relay, not a hairpin through the
+    router's public address (LAN first, paths.py).
+    """
+    topology = Topology(
+        public_hosts=(PublicHost(RELAY_HOST),),
+        sites=(Site("home", NatKind.EASY, hosts=(SiteHost("a"), SiteHost("b")), hairpin=True),),
+    )
+    return _sync_scenario(
+        "lan-relay",
+        {"hairpin": "on"},
+        topology,
+        options,
+        hosts=("a", "b"),
+        peers={"b": ("a",)},
+        address_of=_by_node_id,
+        pairs=(("a", "b"),),
+    )
+
+
+BREAK_PAYLOAD_SIZE = 24 * 1024 * 1024
+"""The file each side puts in ``direct-break``: big enough to be mid-transfer at the break."""
+BREAK_TABLE = "p2ps_break"
+
+
+def direct_break(options: ScenarioOptions) -> ScenarioResult:
+    """``easy`` ↔ ``easy`` go direct; mid-transfer an nft rule on a drops all UDP between
+    a and b's public address. The pair must fall back to the relay within seconds (the
+    heartbeat's missed pongs) on the same connections, and the transfer must complete."""
+    started = time.monotonic()
+    params = {"a": str(options.a), "b": str(options.b), "file": f"{BREAK_PAYLOAD_SIZE >> 20} MiB"}
+    progress = options.progress
+    topology = _two_sites(options.a, options.b)
+    with _scratch() as scratch, build(topology, output_base=options.output_base) as net:
+        progress(f"direct-break: built run {net.run_id} (logs in {net.output_dir})")
+        run = SyncRun(net, scratch, progress)
+        watches = run.watch_pairs((("a", "b"),))
+        synced = False
+        relayed: int | None = None
+        try:
+            run.create_nodes(("a", "b"))
+            run.start_relay()
+            run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
+            direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
+            if direct_at is None:
+                raise ScenarioError("the pair never went direct before the break")
+            run.put_files("big", BREAK_PAYLOAD_SIZE)
+            run.wait_transfer_started("b", timeout_s=options.timeout_s)
+            broke = time.monotonic() - run.t0
+            peer_ip = net.public_address("b")
+            net.run(
+                "a",
+                ["nft", "-f", "-"],
+                name="break-direct",
+                input_text=(
+                    f"table inet {BREAK_TABLE} {{\n"
+                    "  chain out { type filter hook output priority 0; policy accept;\n"
+                    f"    ip daddr {peer_ip} meta l4proto udp drop\n  }}\n"
+                    "  chain in { type filter hook input priority 0; policy accept;\n"
+                    f"    ip saddr {peer_ip} meta l4proto udp drop\n  }}\n"
+                    "}\n"
+                ),
+            )
+            progress(f"direct-break: direct path dropped at {broke:.1f} s")
+            relay_at = run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s)
+            if relay_at is not None:
+                run.notes.append(
+                    f"direct at {direct_at:.1f} s; dropped at {broke:.1f} s; on the relay "
+                    f"{relay_at - broke:.1f} s later"
+                )
+            synced = run.wait_synced(watches, timeout_s=options.timeout_s, settle_s=0)
+            if synced:
+                problems = run.verify_contents()
+                run.notes += problems
+                synced = not problems
+            relayed = run.relayed_bytes()
+        except NetsimError as exc:
+            run.notes.append(f"scenario failed: {exc}")
+            synced = False
+        finally:
+            run.stop_daemons()
+            run.stop_relay()
+        return _result(
+            "direct-break",
+            params,
+            synced=synced,
+            watches=watches,
+            relayed_bytes=relayed,
+            notes=run.notes,
+            net=net,
+            started=started,
+        )
+
+
 SCENARIOS: dict[str, Callable[[ScenarioOptions], ScenarioResult]] = {
     "lan-pair": lan_pair,
     "pair": pair,
     "line-3": line_3,
     "relay-restart": relay_restart,
     "lossy": lossy,
+    "pair-50ms": pair_50ms,
+    "lan-relay": lan_relay,
+    "direct-break": direct_break,
+    "mailbox": lambda o: __import__("netsim.scenario_mailbox").scenario_mailbox.mailbox(o),
 }
 """Every scenario by its command-line name."""
 
@@ -831,12 +1049,20 @@ def format_report(result: ScenarioResult) -> str:
     head = f"scenario {result['scenario']}" + (f" ({params})" if params else "")
     lines = [f"{head}: {'SYNCED' if result['synced'] else 'NOT SYNCED'} in {result['wall_s']} s"]
     if result["pairs"]:
-        lines.append(f"  {'pair':<8} {'path':<7} {'first sync':>10} {'direct after':>12}")
+        lines.append(
+            f"  {'pair':<8} {'path':<7} {'first sync':>10} {'direct after':>12} "
+            f"{'relay->direct':>13} {'relayed after direct':>20}"
+        )
         for entry in result["pairs"]:
+            after = entry.get("relay_bytes_after_direct")
             lines.append(
                 f"  {entry['a'] + '-' + entry['b']:<8} {entry['path']:<7} "
-                f"{_seconds(entry['t_first_sync_s']):>10} {_seconds(entry['t_direct_s']):>12}"
+                f"{_seconds(entry['t_first_sync_s']):>10} {_seconds(entry['t_direct_s']):>12} "
+                f"{_seconds(entry.get('t_relay_to_direct_s')):>13} "
+                f"{'-' if after is None else after:>20}"
             )
+            if entry.get("why_not_direct"):
+                lines.append(f"    not direct: {entry['why_not_direct']}")
     relayed = result["relayed_bytes"]
     lines.append(f"  relayed bytes: {'-' if relayed is None else relayed}")
     for note in result["notes"]:

@@ -9,16 +9,21 @@ so scripts (and netsim) can wait for it.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import signal
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from p2psync import defaults
 from p2psync.home import Home
 from p2psync.node import NodeOptions, StaticPeer, open_node, parse_host_port
+from p2psync.pairing import JoinRefused
 
 log = logging.getLogger("p2psync.daemon")
 
@@ -30,6 +35,7 @@ def options_for(
     peers: list[str],
     mdns: bool = True,
     relay: str | None = None,
+    relay_token_file: Path | None = None,
 ) -> NodeOptions:
     config = home.load_config()
     listen_text = listen or config.listen or f"0.0.0.0:{defaults.NODE_PORT}"
@@ -41,6 +47,7 @@ def options_for(
         control=True,
         mdns=mdns,
         relay=relay or config.relay,
+        relay_token=home.relay_token(relay_token_file),  # the flag's file, else config's
     )
 
 
@@ -55,15 +62,27 @@ async def serve(home: Home, options: NodeOptions) -> None:
                 break
 
 
-async def _invite(home: Home, options: NodeOptions, lifetime: int, as_json: bool) -> int:
+async def _invite(
+    home: Home,
+    options: NodeOptions,
+    lifetime: int,
+    show: Callable[[dict[str, Any]], None],
+    *,
+    short: bool,
+    lan: bool,
+) -> int:
     async with open_node(home, options) as node:
-        ticket = node.create_invite(lifetime)
-        if as_json:
-            print(json.dumps({"ticket": ticket.encode(), "expires": ticket.expires}), flush=True)
+        if short:
+            try:
+                offered = await node.create_short_invite(lifetime, lan=lan)
+            except JoinRefused as exc:  # raised here, not out of the node's nursery
+                print(f"p2psync: error: {exc}", file=sys.stderr)
+                return 1
+            lifetime = offered.expires - int(time.time())
+            show(offered.to_json())
         else:
-            print(ticket.encode(), flush=True)
-            print(f"\nOn the new device: p2psync join TICKET  (waiting up to {lifetime // 60} min; "
-                  "Ctrl-C to cancel)", file=sys.stderr, flush=True)  # fmt: skip
+            ticket = node.create_invite(lifetime)
+            show({"ticket": ticket.encode(), "expires": ticket.expires})
         with trio.move_on_at(trio.current_time() + lifetime) as scope:
             await node.joined.wait()
         if scope.cancelled_caught:
@@ -76,11 +95,27 @@ async def _invite(home: Home, options: NodeOptions, lifetime: int, as_json: bool
         return 0
 
 
-def invite_and_wait(home: Home, *, lifetime: int, listen: str | None, as_json: bool) -> int:
-    """``p2psync invite`` with no daemon: listen until one device joins or time runs out."""
-    options = options_for(home, listen=listen, peers=[], mdns=False)
+def invite_and_wait(
+    home: Home,
+    *,
+    lifetime: int,
+    listen: str | None,
+    show: Callable[[dict[str, Any]], None],
+    short: bool = False,
+    lan: bool = True,
+    relay: str | None = None,
+) -> int:
+    """``p2psync invite`` with no daemon: listen until one device joins or time runs out.
+
+    ``show`` prints the invite (``{ticket, expires}``, or a short code's
+    :meth:`~p2psync.join.ShortInvite.to_json`) once it is open. A short code
+    uses the home relay (config or ``relay``) and, with ``lan``, mDNS.
+    """
+    options = options_for(home, listen=listen, peers=[], mdns=False, relay=relay)
     options = dataclasses.replace(options, peers=(), control=False)
-    code: int = trio.run(_invite, home, options, lifetime, as_json)
+    code: int = trio.run(
+        functools.partial(_invite, home, options, lifetime, show, short=short, lan=lan)
+    )
     return code
 
 
@@ -92,6 +127,7 @@ def run_daemon(
     log_level: str,
     mdns: bool = True,
     relay: str | None = None,
+    relay_token_file: Path | None = None,
 ) -> int:
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -100,7 +136,9 @@ def run_daemon(
     )
     # aioquic logs every handshake at INFO; ours already say what matters.
     logging.getLogger("quic").setLevel(max(logging.WARNING, logging.root.level))
-    options = options_for(home, listen=listen, peers=peers, mdns=mdns, relay=relay)
+    options = options_for(
+        home, listen=listen, peers=peers, mdns=mdns, relay=relay, relay_token_file=relay_token_file
+    )
     trio.run(serve, home, options)
     log.info("stopped")
     return 0

@@ -78,6 +78,15 @@ SYNC_REPAIR_MIN_INTERVAL = 1.0
 # Objects in flight per peer: 8 x 1 MiB keeps a fast link busy without one
 # peer hogging the connection window (NET_CONNECTION_RECEIVE_WINDOW is 8 MiB).
 SYNC_OBJECT_WINDOW = 8
+# Object replies a node writes at once per peer; the peer's other WANTs wait
+# their turn. aioquic visits every stream with unsent data for every packet
+# it builds: 8 replies written at once cost the sender ~25% more CPU than one.
+SYNC_SERVE_STREAMS = 1
+# A reply hands its turn to the next when fewer than this many of its bytes
+# are still unsent (~45 packets, one GSO batch): the next one is queued
+# before this one runs dry, so the link never idles between objects, and
+# the congestion window alone bounds what is in flight.
+SYNC_SERVE_HANDOFF = 64 * KiB
 # Object ids queued per session ahead of the window (re-read from the store).
 SYNC_WANT_QUEUE = 64
 # Objects a peer said it lacks, remembered per session (cleared each
@@ -134,8 +143,10 @@ DISCO_MAX_SHARED_KEYS = 1024
 PATHS_MAX_PEERS = 4096
 # Direct addresses remembered per peer.
 PATHS_MAX_ADDRESSES_PER_PEER = 16
-# A validated path stays trusted this long after its last pong.
-PATHS_VALIDITY = 30.0
+# A validated path stays trusted this long after its last pong (a backstop:
+# the heartbeat's missed pongs end a broken path much sooner; longer than
+# three PATHS_KEEPALIVE_INTERVALs, so one lost keep-alive pong is no flap).
+PATHS_VALIDITY = 80.0
 # Source-address → NodeId mappings learnt from pings, kept this long.
 PATHS_SOURCE_MAPPING_TTL = 120.0
 # Datagrams held while the kernel send buffer is full; beyond, drop (QUIC
@@ -143,6 +154,69 @@ PATHS_SOURCE_MAPPING_TTL = 120.0
 NET_SEND_BACKLOG = 4096
 # receive_some() without max_bytes returns at most this much at once.
 NET_READ_COALESCE = 256 * KiB
+
+# --- NAT traversal: path keep-alive, hole punching, netcheck (issue 6) --------
+# See p2psync/net/paths.py for the rules these feed.
+# A busy peer's direct path is pinged this often; PATHS_MISSED_PONGS pings
+# unanswered (the last for a full interval) means the path is dead: ~6 s
+# from a break to the relay, "within seconds", for ~60 bytes/s per peer.
+PATHS_HEARTBEAT_INTERVAL = 2.0
+PATHS_MISSED_PONGS = 3
+# A quiet (but connected) peer's direct path is pinged this often: 25 s is
+# under the 30 s after which Linux conntrack (nf_conntrack_udp_timeout) and
+# many home routers forget a UDP mapping that saw no reply, with a few
+# seconds to spare; each ping refreshes our mapping, its pong the peer's
+# (RFC 4787 REQ-6: outbound refresh).
+PATHS_KEEPALIVE_INTERVAL = 25.0
+# "Busy" = a datagram went to the peer this recently (heartbeat pace).
+PATHS_BUSY_WINDOW = 5.0
+# No datagram to a peer for this long: its connections are gone (twice
+# QUIC's idle timeout); stop pinging and punching.
+PATHS_IDLE_WINDOW = 60.0
+# Hole punching: after a CALL_ME_MAYBE both sides ping all candidates every
+# PATHS_PROBE_INTERVAL for PATHS_PUNCH_WINDOW; the first probes of each
+# side only open its own NAT, so a few rounds are needed (ten here).
+PATHS_PUNCH_WINDOW = 5.0
+PATHS_PROBE_INTERVAL = 0.5
+# A PING on an unvalidated path is pinged back at once, at most this often
+# per address (a ping-pong storm cannot start).
+PATHS_PING_BACK_INTERVAL = 0.2
+# A failed attempt is retried after a backoff that starts here and doubles:
+# cheap (one CALL_ME_MAYBE and a few pings), but a peer that can never be
+# reached directly costs one attempt per 5 minutes at most.
+PATHS_PUNCH_RETRY_MIN = 10.0
+PATHS_PUNCH_RETRY_MAX = 300.0
+# Hard NAT on one side: the hard side opens this many ports, the easy side
+# sprays at most PATHS_SPRAY_PROBES random ports at PATHS_SPRAY_RATE per
+# second (batches of PATHS_SPRAY_BATCH): 2048 probes reach a 256-port target
+# among 64512 with 99.97 % odds in 8 s (Tailscale measured ~99.9 % in ~20 s).
+# The search gives up after PATHS_HARD_NAT_WINDOW (issue 6: <= 20 s) and is
+# not repeated for PATHS_HARD_NAT_RETRY (2048 NAT sessions are not free).
+PATHS_HARD_NAT_PORTS = 256
+PATHS_SPRAY_PROBES = 2048
+PATHS_SPRAY_RATE = 256.0
+PATHS_SPRAY_BATCH = 16
+PATHS_HARD_NAT_WINDOW = 15.0
+PATHS_HARD_NAT_RETRY = 600.0
+# Outstanding pings remembered per peer (a punching round pings up to 16
+# candidates every 0.5 s); older ones are forgotten, their pongs ignored.
+PATHS_MAX_PENDING_PINGS = 64
+# Peers with a hard-NAT port fan open at once (256 sockets each), and peers
+# being sprayed at once: a CALL_ME_MAYBE can come from any NodeId, so this
+# caps what hostile ones can make us send (2 x 256 probes/s at most).
+PATHS_MAX_PORT_FANS = 2
+PATHS_MAX_SPRAYS = 2
+# netcheck: STUN Binding requests per port (the first lost is resent) and the
+# wait for answers; the relay's second STUN port is its main port + 1 unless
+# told (relayd --stun-alt-port; coturn's convention).
+NETCHECK_ATTEMPTS = 3
+NETCHECK_RESEND_INTERVAL = 0.5
+NETCHECK_TIMEOUT = 3.0
+NETCHECK_ALT_PORT_OFFSET = 1
+# The daemon re-runs netcheck this often (a laptop changes networks), and
+# after a direct path broke, at most once per NETCHECK_MIN_INTERVAL.
+NETCHECK_INTERVAL = 300.0
+NETCHECK_MIN_INTERVAL = 30.0
 
 # --- node -------------------------------------------------------------------
 # Default UDP port of a daemon: fixed so that `--peer NODEID@HOST:PORT` and
@@ -153,11 +227,57 @@ NODE_PORT = 47300
 RECONNECT_MIN_DELAY = 0.5
 RECONNECT_MAX_DELAY = 60.0
 
+# --- library and control API (p2psync.api, p2psync.control) -------------------
+# pull() page size unless the caller says otherwise: one worker-thread hop
+# decodes the page, so it stays short enough not to hold the store lock long.
+PULL_DEFAULT_LIMIT = 256
+# Largest pull() page: bounds one reply's memory (and its control-API line).
+PULL_MAX_LIMIT = 1000
+# subscribe() reads the store in pages of this many changes.
+SUBSCRIBE_PAGE = 256
+# subscribe() re-reads the store this often even without a change signal, to
+# pick up entries another process wrote to the same home (CLI without daemon).
+SUBSCRIBE_POLL_INTERVAL = 2.0
+# Status events (peers, paths, progress) queued per reader; a slower reader
+# loses the newest and is told how many (they describe the present anyway).
+EVENT_QUEUE_MAX = 256
+# The node samples peer paths, byte rates and transfer progress this often.
+PROGRESS_INTERVAL = 1.0
+# Weight of the newest sample in smoothed rates (EWMA): ~3 ticks of memory.
+RATE_SMOOTHING = 0.5
+# Incoming blobs whose progress is tracked at once; beyond that, progress is
+# shown for the first ones only (the store still fetches them all).
+TRANSFER_TRACK_MAX = 1024
+# The CLI draws a progress bar for files at least this large: smaller ones
+# finish before a bar would help.
+PROGRESS_MIN_BYTES = 8 * MiB
+# Long puts and gets report progress (CLI bars, control-API events) at most
+# this often: smooth to the eye, a few lines a second on the socket.
+PROGRESS_EVENT_INTERVAL = 0.25
+# Control API: `get` without an output path returns the content inline
+# (base64 in the reply line) up to this size; larger needs an output path.
+CONTROL_INLINE_MAX = 512 * KiB
+# Control API: one request line (JSON) from a client, at most.
+CONTROL_MAX_REQUEST = 1 * MiB
+# Control API: one reply line the client library accepts (an `ls` of a big
+# store is one line); the daemon is trusted, this only bounds a runaway.
+CONTROL_MAX_REPLY = 64 * MiB
+# Control API: concurrent client connections to one daemon.
+CONTROL_MAX_CLIENTS = 64
+
 # --- store: small objects -----------------------------------------------------
 # Sealed objects up to this size live inside SQLite instead of one file each:
 # notes and settings then cost one commit, not a file + fsync + rename; big
 # chunks stay files so the database stays small and streaming stays cheap.
 SMALL_OBJECT_MAX = 16 * 1024
+# Received entries: Ed25519 checks and meta decryption of a batch run in this
+# many worker threads (libsodium releases the GIL) while the store's thread
+# decodes and writes SQLite; two keep up with that thread on a 2-core machine.
+STORE_VERIFY_THREADS = 2
+# Entries per signature-check job: small enough that the first results come
+# back while later ones are still being checked (pipelining), large enough
+# that the per-job thread hand-off (~20 us) is noise next to ~60 us a check.
+STORE_VERIFY_CHUNK = 16
 # Two verified links to one peer within this many seconds are a simultaneous
 # dial (keep_connection decides); a link newer than that replaces the old one
 # (the peer restarted and the old connection is dead until its idle timeout).

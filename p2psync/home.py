@@ -5,7 +5,8 @@ Layout (directory mode 0700, key files 0600)::
     HOME/
       identity.key   msgpack [1, seed bin32]          the device's Ed25519 seed
       group.key      msgpack [1, [secret bytes, ...]]  group secrets, one per epoch
-      config.toml    user-editable settings (name, ...)
+      config.toml    user-editable settings (name, listen, peers, relay,
+                     relay_token_file)
       store.sqlite   entries, objects and blob index (WAL mode)
       objects/       sealed objects, named by BLAKE3 of their bytes
 
@@ -13,10 +14,17 @@ Rules: ``init`` never overwrites an identity; secrets are written to a temp
 file with mode 0600, fsynced and renamed, so a crash leaves the old file or
 the new one, never half of either; any file that does not parse is reported
 with its path and what to do, never silently replaced.
+
+The relay's access token (if the relay requires one) is never in
+config.toml or on a command line (``ps`` shows those to every local user):
+``relay_token_file`` names a file holding it — relative paths are relative
+to HOME — and :func:`read_relay_token` reads it as relayd reads its own
+``--access-token-file``: UTF-8 text, surrounding whitespace stripped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ from p2psync.crypto.group import GroupSecret
 from p2psync.crypto.identity import Identity, RandomBytes
 from p2psync.errors import BadFrame, ConfigError
 from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
+from p2psync.proto.relay import MAX_ACCESS_TOKEN
 from p2psync.store.store import Store
 
 _KEYFILE_VERSION = 1
@@ -46,12 +55,15 @@ class NodeConfig:
 
     ``listen`` is ``HOST:PORT`` and each of ``peers`` ``NODEID@HOST:PORT``;
     they are checked when the daemon parses them (:mod:`p2psync.node`).
+    ``relay_token_file`` is a path to the file holding the relay's access
+    token, as written (see :meth:`Home.resolve`).
     """
 
     name: str = ""
     listen: str | None = None
     peers: tuple[str, ...] = ()
     relay: str | None = None
+    relay_token_file: str | None = None
 
 
 def _check_name(name: str) -> str:
@@ -66,7 +78,7 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    known = {"name", "listen", "peers", "relay"}
+    known = {"name", "listen", "peers", "relay", "relay_token_file"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
@@ -84,7 +96,46 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
     relay = data.get("relay")
     if relay is not None and not isinstance(relay, str):
         raise ConfigError(f"{source}: 'relay' must be a string like \"NODEID@relay.example:3478\"")
-    return NodeConfig(name=_check_name(name), listen=listen, peers=tuple(peers), relay=relay)
+    token_file = data.get("relay_token_file")
+    if token_file is not None and (not isinstance(token_file, str) or not token_file.strip()):
+        raise ConfigError(
+            f"{source}: 'relay_token_file' must be the path of a file holding the relay's "
+            'access token, like "relay.token" (relative to the home directory)'
+        )
+    return NodeConfig(
+        name=_check_name(name),
+        listen=listen,
+        peers=tuple(peers),
+        relay=relay,
+        relay_token_file=token_file,
+    )
+
+
+def read_relay_token(path: Path, source: str) -> bytes:
+    """The relay access token held in ``path``; ``source`` names where the path came from.
+
+    The file's UTF-8 text without surrounding whitespace (a trailing newline,
+    say): non-empty, printable, at most MAX_ACCESS_TOKEN bytes — what relayd
+    accepts as a token. Errors say which file and what to do, never the token.
+    """
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: {path}: cannot read the relay token file: {exc.strerror}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {path}: the relay token file is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{source}: {path}: the relay token file is empty")
+    if not text.isprintable():
+        raise ConfigError(f"{source}: {path}: the relay token must be printable text on one line")
+    token = text.encode()
+    if len(token) > MAX_ACCESS_TOKEN:
+        raise ConfigError(
+            f"{source}: {path}: the relay token is {len(token)} bytes; at most {MAX_ACCESS_TOKEN}"
+        )
+    return token
 
 
 def _toml_string(value: str) -> str:
@@ -114,6 +165,19 @@ class Home:
 
     def exists(self) -> bool:
         return self.identity_file.exists()
+
+    def resolve(self, path: str) -> Path:
+        """A path from config.toml: ``~`` expanded, relative ones relative to the home."""
+        return self.path / Path(path).expanduser()
+
+    def relay_token(self, flag_path: Path | None = None) -> bytes | None:
+        """The relay access token: from ``flag_path`` if given, else config's file, else None."""
+        if flag_path is not None:
+            return read_relay_token(flag_path, "--relay-token-file")
+        configured = self.load_config().relay_token_file
+        if configured is None:
+            return None
+        return read_relay_token(self.resolve(configured), f"{self.config_file} relay_token_file")
 
     # --- identity -------------------------------------------------------------
 
@@ -192,14 +256,27 @@ class Home:
     def add_peer(self, peer: str) -> None:
         """Append a ``NODEID@HOST:PORT`` static peer to config.toml (if new)."""
         config = self.load_config()
-        if peer in config.peers:
-            return
+        if peer not in config.peers:
+            self._save_config(dataclasses.replace(config, peers=(*config.peers, peer)))
+
+    def set_relay(self, relay: str) -> None:
+        """Make ``NODEID@HOST:PORT`` the home relay in config.toml."""
+        from p2psync.net.relay_client import parse_relay_address
+
+        parse_relay_address(relay)  # refuse what the daemon could not use
+        config = self.load_config()
+        if config.relay != relay:
+            self._save_config(dataclasses.replace(config, relay=relay))
+
+    def _save_config(self, config: NodeConfig) -> None:
         lines = [f"name = {_toml_string(config.name)}"]
         if config.listen:
             lines.append(f"listen = {_toml_string(config.listen)}")
         if config.relay:
             lines.append(f"relay = {_toml_string(config.relay)}")
-        peers = ", ".join(_toml_string(p) for p in (*config.peers, peer))
+        if config.relay_token_file:
+            lines.append(f"relay_token_file = {_toml_string(config.relay_token_file)}")
+        peers = ", ".join(_toml_string(p) for p in config.peers)
         lines.append(f"peers = [{peers}]")
         _write_private(self.config_file, ("\n".join(lines) + "\n").encode())
 

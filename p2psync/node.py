@@ -11,7 +11,15 @@ endpoint, and runs, under one nursery:
   ``peers`` in config.toml): connect, run the link until it ends, then
   reconnect after a capped exponential backoff with jitter. While any link to
   that peer is up (ours or theirs) the loop waits instead of dialing;
-- optionally the **control socket** (the daemon passes ``control=True``).
+- optionally the **control socket** (the daemon passes ``control=True``);
+- a **status sampler** (``Node._watch``): every ``PROGRESS_INTERVAL`` it
+  notes path changes and byte rates per peer and the progress of incoming
+  blobs, and publishes them as events (:mod:`p2psync.api`).
+
+The app-facing methods (``put``, ``get``, ``pull``, ``subscribe``,
+``delete``, ``status``, ``peers``, ``events``, ``invite``) are documented in
+docs/library-api.md; their values and the cursor theory are in
+:mod:`p2psync.api`.
 
 A :class:`PeerLink` is the shell of one :class:`~p2psync.sync.session.SyncSession`:
 it reads the control stream and feeds the session, answers the peer's object
@@ -44,22 +52,54 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import trio
 
 from p2psync import defaults, ops
+from p2psync.api import (
+    BlobReader,
+    Change,
+    EventHub,
+    EventStream,
+    PathChanged,
+    PeerConnected,
+    PeerDisconnected,
+    PeerStatus,
+    PullResult,
+    RateMeter,
+    Subscription,
+    SyncProgress,
+    Transfer,
+    TransferTracker,
+)
 from p2psync.crypto.group import group_id_text
 from p2psync.crypto.identity import BadNodeId, NodeId
-from p2psync.errors import BadFrame, BrokenResourceError, ConfigError, IntegrityError, P2PSyncError
+from p2psync.errors import (
+    BadFrame,
+    BrokenResourceError,
+    ConfigError,
+    IntegrityError,
+    LocalProtocolError,
+    P2PSyncError,
+)
 from p2psync.home import Home
+from p2psync.mailbox_sync import MailboxSync, check_mode, run_mailbox_sync
 from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
 from p2psync.net.interfaces import ipv4_addresses, parse_host_port
-from p2psync.net.relay_client import RelayClient, open_relay_client, parse_relay_address
+from p2psync.net.netcheck import NatKind, NetcheckReport
+from p2psync.net.netcheck_shell import NetcheckFailed, netcheck_on_endpoint
+from p2psync.net.paths import Origin
+from p2psync.net.relay_client import (
+    RelayClient,
+    RelayClientConfig,
+    open_relay_client,
+    parse_relay_address,
+)
 from p2psync.pairing import (
     CHALLENGE_SIZE,
     JOIN_CHALLENGE,
@@ -69,8 +109,11 @@ from p2psync.pairing import (
     JOIN_TYPES,
     JOIN_WELCOME,
     MAX_JOIN_FRAME,
+    SHORT_CODE_MAX_LIFETIME,
+    Invite,
     InviteBook,
     JoinRefused,
+    ShortCode,
     Ticket,
     check_mac,
     decode_join_untrusted,
@@ -81,11 +124,12 @@ from p2psync.pairing import (
     seal_secrets,
     transcript,
 )
-from p2psync.proto.entry import Kind
+from p2psync.proto.entry import Kind, decode_entry_untrusted
 from p2psync.proto.messages import ErrorCode, FrameDecoder, Role
 from p2psync.proto.relay import RELAY_ALPN
-from p2psync.store import Store, StoredEntry
-from p2psync.store.objects import Meta
+from p2psync.proto.relay import Error as RelayError
+from p2psync.store import BlobPending, Store, StoredEntry
+from p2psync.store.objects import AppValue, Meta, open_meta
 from p2psync.sync.events import (
     EntriesReceived,
     ObjectWanted,
@@ -105,6 +149,7 @@ from p2psync.sync.session import ChallengeCache, ObjectClaims, SyncSession
 
 if TYPE_CHECKING:
     from p2psync.discovery.mdns import DiscoveredPeer  # imports zeroconf: only when used
+    from p2psync.join import ShortInvite
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +203,8 @@ class NodeOptions:
     control: bool = False  # serve the control socket (daemon mode)
     mdns: bool = False  # advertise and browse on the LAN (the daemon turns it on)
     relay: str | None = None  # home relay, "NODEID@HOST:PORT"
+    relay_token: bytes | None = field(default=None, repr=False)  # the relay's access token
+    mailbox: str = "auto"  # the relay's mailbox: auto, always, pull, off (p2psync.mailbox_sync)
     reconnect_min: float = defaults.RECONNECT_MIN_DELAY
     reconnect_max: float = defaults.RECONNECT_MAX_DELAY
 
@@ -212,6 +259,8 @@ class PeerLink:
         self.verified = False
         self.verified_at = 0.0
         self._kick_send, self._kick_receive = trio.open_memory_channel[None](1)
+        # Object replies written at once (see defaults.SYNC_SERVE_STREAMS).
+        self._serving = trio.Semaphore(defaults.SYNC_SERVE_STREAMS)
         self._done = trio.Event()
         self._close_code = 0
         self._close_reason = ""
@@ -271,7 +320,10 @@ class PeerLink:
     async def _read_control(self, control: Any, nursery: trio.Nursery) -> None:
         try:
             while True:
-                data = await control.receive_some(65536)
+                # Up to a whole control frame per read: the session stores
+                # the ENTRIES of one read as one batch (fewer transactions
+                # and worker-thread hops in a catch-up).
+                data = await control.receive_some(defaults.SYNC_MAX_CONTROL_FRAME)
                 if not data:
                     await self.node.locked(self.session.connection_lost, 0, "control stream ended")
                     self.kick()
@@ -383,8 +435,14 @@ class PeerLink:
                         decoder.feed(data)
                         body = decoder.next_frame()
                 reply = await node.locked(answer_want_untrusted, node.store, body)
-                await stream.send_all(reply)
-                await stream.send_eof()
+                if len(reply) < defaults.SYNC_SERVE_HANDOFF:  # NOT_FOUND, small objects
+                    await stream.send_all(reply)
+                    await stream.send_eof()
+                else:
+                    async with self._serving:
+                        await stream.send_all(reply)
+                        await stream.send_eof()
+                        await stream.wait_unsent_below(defaults.SYNC_SERVE_HANDOFF)
                 node.counters["objects_served"] += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             return
@@ -418,7 +476,7 @@ class Node:
         self.object_claims = ObjectClaims()
         self.links: set[PeerLink] = set()
         self.active: dict[NodeId, PeerLink] = {}
-        self.peers: dict[NodeId, PeerInfo] = {}
+        self.peer_info: dict[NodeId, PeerInfo] = {}  # every device we know of; see peers()
         self.counters: dict[str, int] = {
             "protocol_violations": 0,
             "objects_received": 0,
@@ -429,12 +487,24 @@ class Node:
             "joins_refused": 0,
         }
         self.invites = InviteBook()
+        self._invite_ended: dict[bytes, trio.Event] = {}  # short codes waiting for their end
         self._dialing: set[NodeId] = set()
         self.relay: RelayClient | None = None
+        self.netcheck: NetcheckReport | None = None  # the background netcheck's last report
+        self.netcheck_at: float | None = None  # unix time of that report
+        self.mailbox: MailboxSync | None = None  # while the relay runs (p2psync.mailbox_sync)
         self.mdns_status = "off"
         self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
         self._changes = trio.Event()  # set and replaced on every store change
+        # Status for apps (p2psync.api): events, paths, rates, incoming transfers.
+        self.events_hub = EventHub()
+        self._paths: dict[NodeId, str] = {}
+        self._rates = RateMeter()
+        self._transfers = TransferTracker()
+        self._received: list[bytes] = []  # raw entries since the last sample (bounded)
+        self._rescan_transfers = True  # at start: blobs left pending by an earlier run
+        self._transfers_changed = trio.Event()
 
     @property
     def node_id(self) -> NodeId:
@@ -467,19 +537,44 @@ class Node:
                 link.kick()
         self._notify_changed()
 
-    # --- local API ------------------------------------------------------------------
+    # --- local API (docs/library-api.md) ----------------------------------------------
+
+    async def put(
+        self,
+        data: ops.Source,
+        *,
+        key: str | None = None,
+        meta: Mapping[str, AppValue] | None = None,
+        content_type: str | None = None,
+        progress: ops.Progress | None = None,
+    ) -> Change:
+        """Store ``data`` under ``key`` and announce it; return the new change.
+
+        ``data`` is bytes, a path (``str`` or :class:`~pathlib.Path`: the file
+        is streamed; ``key`` defaults to its name) or a binary file object
+        (streamed chunk by chunk, never read whole). ``meta`` is small app
+        data (str/int/bytes/bool/None values, 4 KiB in all) sealed with the
+        entry. Returns once the value is durable here; peers get it in the
+        background. ``progress(bytes_done)`` is called from a worker thread.
+        """
+        stored = await self.locked(ops.put_source, self.store, data, key=key, app=meta,
+                                   content_type=content_type, progress=progress)  # fmt: skip
+        self._announce_local(stored)
+        return Change.from_stored(stored)
 
     async def put_path(self, path: Path, *, key: str | None = None) -> StoredEntry:
         stored = await self.locked(ops.put_path, self.store, path, key=key)
         self._announce_local(stored)
         return stored
 
-    async def put_stream_from(self, path: Path, *, key: str) -> StoredEntry:
+    async def put_stream_from(
+        self, path: Path, *, key: str, progress: ops.Progress | None = None
+    ) -> StoredEntry:
         """Put a file's content under ``key`` without recording its name or type."""
 
         def put() -> StoredEntry:
             with path.open("rb") as handle:
-                return ops.put_stream(self.store, handle, key=key)
+                return ops.put_stream(self.store, handle, key=key, progress=progress)
 
         stored = await self.locked(put)
         self._announce_local(stored)
@@ -494,13 +589,60 @@ class Node:
         self._announce_local(stored)
         return stored
 
-    async def delete(self, key: str) -> StoredEntry:
+    async def delete(self, key: str) -> Change:
+        """Tombstone ``key`` (a signed entry that syncs like any write); return it.
+
+        Raises :class:`~p2psync.errors.NotFound` if ``key`` has no live value.
+        The value's chunks are freed here at once; peers drop theirs when the
+        tombstone reaches them. A later put of ``key`` (anywhere) revives it.
+        """
         stored, _ = await self.locked(ops.remove, self.store, key)
         self._announce_local(stored)
-        return stored
+        return Change.from_stored(stored)
 
-    async def get_to_path(self, target: str, output: Path) -> int:
-        return await self.locked(ops.get_to_path, self.store, target, output)
+    async def get(self, target: str, *, wait: bool = False) -> bytes:
+        """The current value of a key (or a blob by its 64-hex id), whole.
+
+        Raises :class:`~p2psync.errors.NotFound` for an unknown or deleted key
+        and :class:`~p2psync.store.BlobPending` while the value is still on its
+        way, unless ``wait`` is true: then it waits for the value to arrive.
+        For large values use :meth:`get_stream` or :meth:`get_to_path`.
+        """
+        return await self._maybe_waiting(wait, target, functools.partial(self.get_bytes, target))
+
+    async def _maybe_waiting(self, wait: bool, target: str, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``; if the blob is pending and ``wait``, retry whenever transfers move."""
+        while True:
+            changed = self._transfers_changed  # before the read: no completion slips between
+            try:
+                return await read()
+            except BlobPending:
+                if not wait:
+                    raise
+            blob = await self.locked(ops.resolve_blob, self.store, target)
+            if blob not in self._transfers:
+                self._rescan_transfers = True  # _watch then tracks it, and wakes us
+            await changed.wait()
+
+    def get_stream(self, target: str) -> BlobReader:
+        """``async for chunk in node.get_stream(key)``: the value, one chunk at a time."""
+        return BlobReader(self, target)
+
+    async def get_to_path(
+        self,
+        target: str,
+        output: Path,
+        *,
+        wait: bool = False,
+        progress: ops.Progress | None = None,
+    ) -> int:
+        """Write the value to ``output`` (atomically: temp file, then rename); its size."""
+
+        async def write() -> int:
+            return await self.locked(ops.get_to_path, self.store, target, output,
+                                     progress=progress)  # fmt: skip
+
+        return await self._maybe_waiting(wait, target, write)
 
     async def get_bytes(self, target: str) -> bytes:
         def read() -> bytes:
@@ -511,16 +653,65 @@ class Node:
     async def ls(self) -> list[dict[str, Any]]:
         return await self.locked(ops.list_live, self.store)
 
-    def status(self) -> dict[str, Any]:
+    async def pull(self, after: int = 0, limit: int = defaults.PULL_DEFAULT_LIMIT) -> PullResult:
+        """Changes after cursor ``after`` in local arrival order (see :mod:`p2psync.api`).
+
+        At most ``limit`` (1..PULL_MAX_LIMIT) per call; ask again with
+        ``after=result.cursor`` while ``result.more``.
+        """
+        if after < 0 or not 1 <= limit <= defaults.PULL_MAX_LIMIT:
+            raise LocalProtocolError(
+                f"pull needs after >= 0 and 1 <= limit <= {defaults.PULL_MAX_LIMIT}"
+            )
+
+        def page() -> PullResult:
+            stored, cursor = self.store.pull(after, limit)
+            changes = tuple(Change.from_stored(s) for s in stored)
+            return PullResult(changes, cursor, len(changes) == limit)
+
+        return await self.locked(page)
+
+    def subscribe(self, after: int = 0) -> Subscription:
+        """``async for change in node.subscribe(after=cursor)``: every change after it, for ever.
+
+        Backlog first, then live changes (local or from peers), each exactly
+        once in cursor order; resume after a restart with the last cursor seen.
+        """
+        return Subscription(self, after)
+
+    def events(self) -> contextlib.AbstractAsyncContextManager[EventStream]:
+        """``async with node.events() as events: async for event in events``.
+
+        Status events as they happen: :class:`~p2psync.api.PeerConnected`,
+        ``PeerDisconnected``, ``PathChanged``, ``SyncProgress`` and, for a
+        reader that fell behind, ``EventsDropped``.
+        """
+        return self.events_hub.open()
+
+    def invite(self, lifetime: int = defaults.INVITE_LIFETIME) -> str:
+        """A one-time ticket another device passes to :func:`p2psync.join_group`."""
+        return self.create_invite(lifetime).encode()
+
+    def transfers(self) -> list[Transfer]:
+        """Blobs on their way here: bytes done/total and rate (updated every second)."""
+        return self._transfers.transfers()
+
+    def _peer_path(self, info: PeerInfo, link: PeerLink | None) -> str:
+        if link is None:
+            return "none"
+        report = self.endpoint.paths.report(info.node_id, trio.current_time())
+        if report is not None and report.route != "none":
+            return report.route  # the path table routes every datagram: it knows best
+        path = link.conn.path if link.conn.path != "none" else info.path
+        return "lan" if path == "direct" and info.path == "lan" else path
+
+    def peers(self) -> list[PeerStatus]:
+        """Every device this node knows of, connected or not, by NodeId."""
         now = time.time()
-        peers = []
-        for info in sorted(self.peers.values(), key=lambda p: str(p.node_id)):
+        result = []
+        for info in sorted(self.peer_info.values(), key=lambda p: str(p.node_id)):
             link = self.active.get(info.node_id)
-            path = "none"
             if link is not None:
-                path = link.conn.path if link.conn.path != "none" else info.path
-                if path == "direct" and info.path == "lan":
-                    path = "lan"
                 remote = link.conn.remote_address
                 if remote is not None:
                     info.address = (str(remote[0]), int(remote[1]))
@@ -529,19 +720,27 @@ class Node:
                 info.bytes_out = stats.bytes_sent
                 info.rtt_ms = round(stats.rtt * 1000, 2) if stats.rtt is not None else None
                 info.last_seen = now
-            peers.append(
-                {
-                    "node_id": str(info.node_id),
-                    "path": path,
-                    "address": f"{info.address[0]}:{info.address[1]}" if info.address else None,
-                    "rtt_ms": info.rtt_ms,
-                    "bytes_in": info.bytes_in,
-                    "bytes_out": info.bytes_out,
-                    "connected_since": info.connected_since if link is not None else None,
-                    "last_seen": info.last_seen,
-                    "last_error": info.last_error,
-                }
+            result.append(
+                PeerStatus(
+                    node_id=str(info.node_id),
+                    connected=link is not None,
+                    path=self._peer_path(info, link),
+                    address=f"{info.address[0]}:{info.address[1]}" if info.address else None,
+                    rtt_ms=info.rtt_ms,
+                    bytes_in=info.bytes_in,
+                    bytes_out=info.bytes_out,
+                    rx_rate=round(self._rates.rate((info.node_id, "rx")), 1),
+                    tx_rate=round(self._rates.rate((info.node_id, "tx")), 1),
+                    connected_since=info.connected_since if link is not None else None,
+                    last_seen=info.last_seen,
+                    last_error=info.last_error,
+                )
             )
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """This node as JSON: identity, listening address, relay, peers, transfers, counters."""
+        now = time.time()
         group = group_id_text(self.store.keys.group_id) if self.store.has_group else None
         host, port = self.endpoint.local_address
         return {
@@ -551,8 +750,11 @@ class Node:
             "listening": [f"{host}:{port}"],
             "mdns": self.mdns_status,
             "relay": self._relay_status(),
+            "mailbox": self.mailbox.status() if self.mailbox is not None else None,
             "uptime_s": round(now - self.started_at, 1),
-            "peers": peers,
+            "peers": [self._path_details(peer.to_json()) for peer in self.peers()],
+            "nat": self._nat_status(),
+            "transfers": [t.to_json() for t in self.transfers()],
             "counters": dict(self.counters),
             "endpoint": {
                 "datagrams_received": self.endpoint.stats.datagrams_received,
@@ -562,19 +764,204 @@ class Node:
             },
         }
 
+    def _path_details(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A peer's status row plus what the path table knows: since when, why not direct.
+
+        Times are unix seconds. ``direct_after_s``: from the first datagram
+        relayed to the first validated direct path (hole punching's figure).
+        """
+        clock = trio.current_time()
+        report = self.endpoint.paths.report(NodeId.parse(row["node_id"]), clock)
+
+        def wall(at: float | None) -> float | None:
+            return None if at is None else round(time.time() - (clock - at), 3)
+
+        if report is None:
+            row.update(path_since=None, last_direct_failure=None, traversal=None)
+            return row
+        first_relay, first_direct = report.first_relay_at, report.first_direct_at
+        row.update(
+            path_since=wall(report.since) if row.get("connected") else None,
+            last_direct_failure=report.last_failure,
+            traversal={
+                "their_nat": str(report.their_nat),
+                "punching": report.punching,
+                "attempts": report.attempts,
+                "next_attempt_in_s": None
+                if report.next_attempt_in is None
+                else round(report.next_attempt_in, 1),
+                "last_failure_at": wall(report.last_failure_at),
+                "first_relay_at": wall(first_relay),
+                "first_direct_at": wall(first_direct),
+                "direct_after_s": round(first_direct - first_relay, 3)
+                if first_relay is not None and first_direct is not None
+                else None,
+                "relay_bytes_after_direct": report.relay_bytes_after_direct,
+                "direct_address": f"{report.address[0]}:{report.address[1]}"
+                if report.address
+                else None,
+                "candidates": [
+                    {
+                        "address": f"{c.address[0]}:{c.address[1]}",
+                        "origin": c.origin,
+                        "state": c.state,
+                        "lan": c.lan,
+                        "rtt_ms": c.rtt_ms,
+                        "pings": c.pings,
+                        "pongs": c.pongs,
+                        "via": f"{c.via[0]}:{c.via[1]}" if c.via else None,
+                        "failure": c.failure,
+                    }
+                    for c in report.candidates
+                ],
+            },
+        )
+        return row
+
+    def _nat_status(self) -> dict[str, Any] | None:
+        """Our side for ``doctor``: the background netcheck and the hard-NAT machinery."""
+        report = self.netcheck
+        stats = self.endpoint.traversal.stats
+        return {
+            "netcheck": None if report is None else report.to_json(),
+            "netcheck_at": self.netcheck_at,
+            "explain": None if report is None else report.explain(),
+            "nat": str(self.endpoint.paths.our_nat),
+            "candidates": [
+                f"{c.kind.name.lower()} {c.address[0]}:{c.address[1]}"
+                for c in self.endpoint.paths.our_candidates
+            ],
+            "call_me_maybe_sent": stats.cmm_sent,
+            "call_me_maybe_received": stats.cmm_received,
+            "spray_probes_sent": stats.spray_sent,
+            "port_fans_opened": stats.fans_opened,
+        }
+
+    # --- status sampling (paths, rates, transfers) --------------------------------------
+
+    async def _watch(self) -> None:
+        """Every PROGRESS_INTERVAL: note path changes, byte rates and transfer progress."""
+        while True:
+            now = trio.current_time()
+            self._sample_peers(now)
+            if self._received or self._rescan_transfers or len(self._transfers):
+                await self._sample_transfers(now)
+            await trio.sleep(defaults.PROGRESS_INTERVAL)
+
+    def _sample_peers(self, now: float) -> None:
+        for node_id, link in list(self.active.items()):
+            info = self.peer_info.get(node_id)
+            if info is None:
+                continue
+            path = self._peer_path(info, link)
+            previous = self._paths.get(node_id)
+            self._paths[node_id] = path
+            if previous is not None and previous != path:
+                log.info("path to %s: %s -> %s", node_id.short(), previous, path)
+                self.events_hub.publish(PathChanged(str(node_id), path, previous))
+            stats = link.conn.stats
+            self._rates.sample((node_id, "rx"), stats.bytes_received, now)
+            self._rates.sample((node_id, "tx"), stats.bytes_sent, now)
+
+    async def _sample_transfers(self, now: float) -> None:
+        received, self._received = self._received, []
+        rescan, self._rescan_transfers = self._rescan_transfers, False
+        tracked = self._transfers.blobs()
+        room = defaults.TRANSFER_TRACK_MAX - len(tracked)
+        Track = tuple[bytes, str | None, int]  # blob, key, size
+
+        def sample() -> tuple[list[Track], dict[bytes, tuple[int, int] | None]]:
+            wanted = set(self.store.wanted_blobs())
+            new: list[Track] = []
+            if rescan and wanted:
+                new = [(s.entry.blob, s.key, s.entry.size) for s in self.store.live()
+                       if s.entry.blob in wanted]  # fmt: skip
+            elif wanted:
+                for raw in received:
+                    entry = decode_entry_untrusted(raw)  # stored already: it decodes
+                    if entry.kind is Kind.PUT and entry.blob in wanted:
+                        try:
+                            key: str | None = open_meta(self.store.keyring, entry.meta).key
+                        except P2PSyncError:
+                            key = None
+                        new.append((entry.blob, key, entry.size))
+            new = [t for t in new if t[0] not in self._transfers][: max(0, room)]
+            blobs = {*tracked, *(blob for blob, _, _ in new)}
+            progress: dict[bytes, tuple[int, int] | None] = {}
+            for blob in blobs:
+                done, needed = self.store.blob_progress(blob)
+                complete = needed > 0 and done >= needed
+                progress[blob] = (done, needed) if complete or blob in wanted else None
+            return new, progress
+
+        new, progress = await self.locked(sample)
+        for blob, key, size in new:
+            self._transfers.track(blob, key, size)
+        moved = self._transfers.update(progress, now)
+        for transfer in moved:
+            self.events_hub.publish(SyncProgress(transfer))
+        # Wake get(wait=True) callers: a blob completed or went away, or one
+        # of them asked for this rescan (its blob may have completed meanwhile).
+        if rescan or any(t.complete for t in moved) or None in progress.values():
+            self._transfers_changed.set()
+            self._transfers_changed = trio.Event()
+
     # --- pairing ----------------------------------------------------------------------
 
     def create_invite(self, lifetime: int = defaults.INVITE_LIFETIME) -> Ticket:
         invite = self.invites.create(os.urandom, int(time.time()), lifetime)
+        return self.ticket_for(invite)
+
+    def ticket_addresses(self) -> tuple[Address, ...]:
+        """Where a joiner may dial us directly: every IPv4 address, or the bound one."""
         host, port = self.endpoint.local_address
         hosts = ipv4_addresses() if host in ("0.0.0.0", "") else [host]
+        return tuple((h, port) for h in hosts)
+
+    def ticket_for(self, invite: Invite) -> Ticket:
+        """The ticket of an open invite: our addresses and, if we have one, our home relay."""
         return Ticket(
             inviter=self.node_id,
-            addresses=tuple((h, port) for h in hosts),
+            addresses=self.ticket_addresses(),
             expires=invite.expires,
             invite_id=invite.invite_id,
             invite_secret=invite.secret,
+            relay=self.options.relay if self.relay is not None else None,
         )
+
+    async def create_short_invite(
+        self, lifetime: int = SHORT_CODE_MAX_LIFETIME, *, lan: bool | None = None
+    ) -> ShortInvite:
+        """Offer a short code through the home relay and (``lan``, default: mDNS on) the LAN.
+
+        It stays open until a device joins with it, it expires, it is
+        revoked (:meth:`revoke_short_invite`) or the node stops; see
+        :func:`p2psync.join.keep_short_invite`.
+        """
+        from p2psync.join import keep_short_invite
+
+        offered: ShortInvite = await self._nursery.start(
+            keep_short_invite, self, lifetime, self.options.mdns if lan is None else lan
+        )
+        return offered
+
+    def revoke_short_invite(self, code_text: str) -> bool:
+        """Close an open short code (and withdraw it from relay and LAN); False if not open."""
+        invite_id = ShortCode.parse_untrusted(code_text).lookup.invite_id
+        if not self.invites.is_open(invite_id, int(time.time())):
+            return False
+        self.invites.consume(self.invites.find(invite_id, int(time.time())))
+        self.invite_closed(invite_id)
+        return True
+
+    def invite_end(self, invite_id: bytes) -> trio.Event:
+        """An event set when the invite is used up (joined, burnt or revoked)."""
+        return self._invite_ended.setdefault(invite_id, trio.Event())
+
+    def invite_closed(self, invite_id: bytes) -> None:
+        event = self._invite_ended.pop(invite_id, None)
+        if event is not None:
+            event.set()
 
     async def serve_join(self, stream: Any, first: bytes) -> None:
         """Answer a join handshake whose first frame is already read (``first``)."""
@@ -611,20 +998,26 @@ class Node:
                 try:
                     check_mac(join_mac(invite.secret, b"joiner", script), fields[0], "joiner")
                 except IntegrityError:
-                    self.invites.failed_proof(invite)
+                    if self.invites.failed_proof(invite):
+                        self.invite_closed(invite.invite_id)
                     raise JoinRefused("wrong-code", "wrong or mistyped invite code") from None
                 self.invites.consume(invite)
+                self.invite_closed(invite.invite_id)
+                # Recorded before the welcome: a device that holds the secret is
+                # always in `devices`, and its first sync brings its own record.
+                member = Meta(
+                    key="",
+                    content_type="device",
+                    name=request.name,
+                    app={"node_id": str(request.joiner), "added_by": str(self.node_id)},
+                )
+                stored = await self.locked(
+                    self.store.append, Kind.MEMBER, member, now_ms=ops.now_ms()
+                )
+                self._announce_local(stored)
                 sealed = seal_secrets(request.joiner, self.home.load_secrets())
                 await stream.send_all(join_frame(JOIN_WELCOME, sealed))
                 await stream.send_eof()
-            member = Meta(
-                key="",
-                content_type="device",
-                name=request.name,
-                app={"node_id": str(request.joiner), "added_by": str(self.node_id)},
-            )
-            stored = await self.locked(self.store.append, Kind.MEMBER, member, now_ms=ops.now_ms())
-            self._announce_local(stored)
             log.info("device %s (%s) joined the group", request.joiner.short(), request.name)
             self.joined.set()
             self.joined = trio.Event()
@@ -649,7 +1042,9 @@ class Node:
             "connected": relay.connected,
             "rtt_ms": round(relay.rtt * 1000, 2) if relay.rtt is not None else None,
             "public_address": f"{public[0]}:{public[1]}" if public else None,
-            "last_error": str(error) if error is not None else None,
+            # The relay's last fatal ERROR (e.g. "BAD_AUTH: missing or wrong access token").
+            "last_error": _relay_error_text(error) if error is not None else None,
+            "last_error_code": error.code if error is not None else None,
             "relayed_bytes_sent": self.endpoint.stats.relay_bytes_sent,
             "relayed_bytes_received": self.endpoint.stats.relay_bytes_received,
         }
@@ -681,7 +1076,7 @@ class Node:
         link = PeerLink(self, conn, self._new_session(role, expected), dialed, address)
         self.links.add(link)
         if expected is not None:
-            self.peers.setdefault(expected, PeerInfo(expected))
+            self.peer_info.setdefault(expected, PeerInfo(expected))
         await link.run()
 
     def _peer_verified(self, link: PeerLink, their: NodeId) -> None:
@@ -707,27 +1102,51 @@ class Node:
         link.verified_at = trio.current_time()
         self.active[their] = link
         self.gossip.add_peer(their, link.session)
-        info = self.peers.setdefault(their, PeerInfo(their))
+        info = self.peer_info.setdefault(their, PeerInfo(their))
         if link.address is not None:
             info.address = link.address
         info.path = "lan" if link.address in info.lan_addresses else "direct"
         info.connected_since = time.time()
         info.last_error = None
+        path = self._peer_path(info, link)
+        self._paths[their] = path
+        address = link.conn.remote_address or link.address
+        self.events_hub.publish(
+            PeerConnected(str(their), path, f"{address[0]}:{address[1]}" if address else None)
+        )
         log.info("peer %s verified (%s)", their.short(), "dialed" if link.dialed else "accepted")
 
     def _entries_received(self, link: PeerLink, event: EntriesReceived) -> None:
         if event.accepted:
             self.counters["entries_received"] += len(event.accepted)
+            if len(self._received) < defaults.TRANSFER_TRACK_MAX:
+                self._received.extend(event.accepted)  # _watch looks for blobs to track
+            else:
+                self._rescan_transfers = True
             for node_id in self.gossip.entries_received(event.their_node, event.accepted):
                 target = self.active.get(node_id)
                 if target is not None:
                     target.kick()
             self._notify_changed()
 
+    def mailbox_received(self, raws: list[bytes]) -> None:
+        """The relay mailbox delivered: entries the store accepted (gossip them), or objects."""
+        if raws:
+            self.counters["entries_received"] += len(raws)
+            for node_id in self.gossip.local_entries(raws):  # no peer sent them: all get them
+                target = self.active.get(node_id)
+                if target is not None:
+                    target.kick()
+            if len(self._received) < defaults.TRANSFER_TRACK_MAX:
+                self._received.extend(raws)  # _watch tracks their blobs (cheap: no rescan)
+            else:
+                self._rescan_transfers = True
+        self._notify_changed()
+
     def _session_closed(self, link: PeerLink, event: SessionClosed) -> None:
         their = link.their_node
         if their is not None:
-            info = self.peers.setdefault(their, PeerInfo(their))
+            info = self.peer_info.setdefault(their, PeerInfo(their))
             if event.code not in (ErrorCode.OK, ErrorCode.DUPLICATE_CONNECTION):
                 info.last_error = f"{_code_name(event.code)}: {event.reason}"
         log.info("session with %s closed (code %s%s): %s", link._peer_label(), event.code,
@@ -739,10 +1158,15 @@ class Node:
         if their is not None and self.active.get(their) is link:
             del self.active[their]
             self.gossip.remove_peer(their)
-            info = self.peers.get(their)
+            info = self.peer_info.get(their)
             if info is not None:
                 info.path = "none"
                 info.last_seen = time.time()
+            self._paths.pop(their, None)
+            self._rates.forget((their, "rx"))
+            self._rates.forget((their, "tx"))
+            reason = link._close_reason or None
+            self.events_hub.publish(PeerDisconnected(str(their), reason))
 
     # --- loops ------------------------------------------------------------------------
 
@@ -758,7 +1182,7 @@ class Node:
     async def dial_forever(self, peer: StaticPeer) -> None:
         """Keep a link to ``peer``: dial, run, back off, repeat (until cancelled)."""
         delay = self.options.reconnect_min
-        info = self.peers.setdefault(peer.node_id, PeerInfo(peer.node_id, peer.address))
+        info = self.peer_info.setdefault(peer.node_id, PeerInfo(peer.node_id, peer.address))
         while True:
             existing = self.active.get(peer.node_id)
             if existing is not None:
@@ -789,7 +1213,7 @@ class Node:
     async def _learn_candidates(self, node_id: NodeId) -> None:
         """Ask the relay where ``node_id`` is and offer those addresses to the path table."""
         relay = self.relay
-        if relay is None or not relay.connected:
+        if relay is None or not relay.connected or not self.endpoint.config.hole_punching:
             return
         with trio.move_on_after(defaults.RELAY_LOOKUP_TIMEOUT):
             try:
@@ -797,8 +1221,10 @@ class Node:
             except (P2PSyncError, trio.BrokenResourceError) as exc:
                 log.debug("lookup of %s failed: %s", node_id.short(), exc)
                 return
-            for address in (*found.published, *((found.observed,) if found.observed else ())):
-                self.endpoint.add_candidate(node_id, address)
+            for address in found.published:
+                self.endpoint.add_candidate(node_id, address, Origin.LOOKUP)
+            if found.observed:  # its public address as the relay sees it
+                self.endpoint.add_candidate(node_id, found.observed, Origin.LOOKUP, reflexive=True)
 
     # --- LAN discovery ------------------------------------------------------------
 
@@ -806,8 +1232,12 @@ class Node:
         """mDNS found a device of our group: remember its LAN addresses, dial it."""
         if peer.node_id == self.node_id:
             return
-        info = self.peers.setdefault(peer.node_id, PeerInfo(peer.node_id))
+        info = self.peer_info.setdefault(peer.node_id, PeerInfo(peer.node_id))
         info.lan_addresses = peer.addresses
+        for address in peer.addresses:  # LAN first: a relayed or public path moves here
+            if self.endpoint.config.hole_punching:
+                with contextlib.suppress(P2PSyncError):
+                    self.endpoint.add_candidate(peer.node_id, address, Origin.MDNS)
         if peer.node_id in self.active or peer.node_id in self._dialing:
             return
         self._nursery.start_soon(self._dial_lan, peer)
@@ -839,27 +1269,88 @@ class Node:
         self._nursery.start_soon(self.dial_forever, peer)
 
 
+def _relay_error_text(error: RelayError) -> str:
+    known = error.known_code
+    return f"{known.name if known is not None else error.code}: {error.message}"
+
+
 async def _run_relay(
     node: Node, relay_text: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Keep the home relay connection; carry relayed datagrams into the endpoint."""
     relay_node_id, relay_address = parse_relay_address(relay_text)
+    check_mode(node.options.mailbox)
     host, port = node.endpoint.local_address
     published = [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
     if host not in ("0.0.0.0", ""):
         published = [(host, port)]
     async with open_relay_client(
-        node.endpoint, node.store.identity, relay_address, relay_node_id, published
+        node.endpoint,
+        node.store.identity,
+        relay_address,
+        relay_node_id,
+        published,
+        config=RelayClientConfig(access_token=node.options.relay_token),
+        deliver=node.endpoint.receive_relayed_batch,  # every read's datagrams at once
     ) as relay:
         node.relay = relay
-        node.endpoint.set_relay(relay.try_send, relay_node_id=relay.relay_node_id)
+        node.endpoint.set_relay(
+            relay.try_send, relay_node_id=relay.relay_node_id, datagram_size=relay.datagram_size
+        )
         task_status.started()
         try:
-            async for src, payload in relay.received:
-                node.endpoint.receive_relayed(src, payload)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_mailbox_sync, node, relay, node.options.mailbox)
+                nursery.start_soon(_netcheck_loop, node, relay)
+                await trio.sleep_forever()
         finally:
             node.endpoint.set_relay(None)
             node.relay = None
+
+
+async def _netcheck_loop(node: Node, relay: RelayClient) -> None:
+    """The daemon's background netcheck: our NAT kind and public address, for hole punching.
+
+    Runs once the relay is connected, then every NETCHECK_INTERVAL, and
+    sooner (at most every NETCHECK_MIN_INTERVAL) after a direct path broke:
+    a NAT that rebound gives us a new public address to tell peers. STUN
+    goes to the relay's port and its second port (port + NETCHECK_ALT_PORT_OFFSET,
+    relayd --stun-alt-port) from the node's own socket.
+    """
+    traversal = node.endpoint.traversal
+    paths = node.endpoint.paths
+    server = relay.relay_address
+    alt_port = server[1] + defaults.NETCHECK_ALT_PORT_OFFSET
+    while True:
+        await relay.wait_connected()
+        if relay.our_public_address is not None and node.netcheck is None:
+            # The relay's view of us (WELCOME) at once: peers can punch before netcheck ends.
+            traversal.set_public_addresses([relay.our_public_address])
+        failures = paths.direct_failures
+        started = trio.current_time()
+        try:
+            report = await netcheck_on_endpoint(node.endpoint, server, alt_port)
+        except NetcheckFailed as exc:
+            log.info("netcheck: %s", exc)
+        else:
+            node.netcheck, node.netcheck_at = report, time.time()
+            public = list(report.public)
+            observed = relay.our_public_address
+            if observed is not None and observed not in public:
+                public.append(observed)
+            traversal.refresh_interfaces()
+            traversal.set_public_addresses(public)
+            # The relay's QUIC works, so UDP gets out: silence is the relay's STUN, not UDP.
+            nat = NatKind.UNKNOWN if report.nat is NatKind.UDP_BLOCKED else report.nat
+            traversal.set_nat(nat)
+            log.info("netcheck: %s NAT, public %s, rtt %s ms, hairpin %s", report.nat,
+                     ", ".join(f"{h}:{p}" for h, p in report.public) or "-", report.rtt_ms,
+                     report.hairpin)  # fmt: skip
+        while True:
+            await trio.sleep(defaults.NETCHECK_MIN_INTERVAL)
+            now = trio.current_time()
+            if now - started >= defaults.NETCHECK_INTERVAL or paths.direct_failures != failures:
+                break
 
 
 async def _start_mdns(node: Node, nursery: trio.Nursery) -> None:
@@ -912,6 +1403,7 @@ async def open_node(
         ):
             node = Node(home, store, endpoint, options, nursery)
             nursery.start_soon(node._accept_loop)
+            nursery.start_soon(node._watch)
             if options.relay is not None:
                 await nursery.start(_run_relay, node, options.relay)
             for peer in options.peers:

@@ -40,6 +40,34 @@ holder of that key can open it. An invite is consumed by its first
 successful proof; expired, consumed or unknown invites are refused with a
 reason and change nothing; three wrong proofs burn an invite (a guessed
 ticket cannot be brute-forced online).
+
+Short codes
+-----------
+A **short code** ``XXXX-XXXX-XXXX-XXXX`` (80 bits, :mod:`p2psync.crypto.codes`)
+is a split token: the first 8 characters (40 bits) are the **lookup half**
+``L``, the last 8 the **secret half** ``S``. Everything a relay or a LAN
+onlooker may see is derived from ``L`` alone; everything that unlocks the
+invite is derived from ``S`` through Argon2id, salted by ``L``::
+
+    lookup_id   = BLAKE3-derive("... short code lookup id v1", L)[0:16]   relayd's key
+    lan_tag     = BLAKE3-derive("... short code lan tag v1", L)[0:16]     mDNS TXT
+    invite_id   = BLAKE3-derive("... short code invite id v1", L)[0:16]   JOIN_REQUEST
+    salt        = BLAKE3-derive("... short code salt v1", L)[0:16]
+    K           = Argon2id(S, salt, t=3, m=64 MiB, p=1) (32 bytes; pinned)
+    invite_secret = BLAKE3-derive("... join key v1", K)     keys the join MACs
+    ticket_key    = BLAKE3-derive("... ticket key v1", K)   seals the ticket on relayd
+    fetch_proof   = BLAKE3-derive("... relay proof v1", K)  shown to relayd to fetch
+    verifier      = BLAKE3(fetch_proof)                     what relayd keeps to check it
+    advert_tag    = BLAKE3-derive("... lan advert v1", K)[0:16]  seals the LAN advert
+
+    sealed ticket = nonce(24) || XChaCha20-Poly1305(ticket_key, nonce,
+                      ticket payload, aad = b"p2psync short code ticket v1" || lookup_id)
+
+So every artifact that could test a guess of ``S`` offline (the sealed
+ticket and the verifier on relayd, the sealed LAN advert, a recorded join
+handshake) costs one Argon2id evaluation per guess: 2^40 of them cannot be
+done within the 10-minute lifetime. The numbers, and why not a PAKE, are in
+``docs/pairing-codes.md``.
 """
 
 from __future__ import annotations
@@ -47,13 +75,29 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 import blake3
 
-from p2psync.crypto.codes import decode_code_untrusted, encode_code
+from p2psync.crypto.aead import (
+    NONCE_SIZE,
+    DecryptionFailed,
+    random_nonce,
+    xchacha_decrypt,
+    xchacha_encrypt,
+)
+from p2psync.crypto.codes import (
+    SHORT_CODE_SIZE,
+    decode_code_untrusted,
+    encode_code,
+    format_short_code,
+    parse_short_code_untrusted,
+)
 from p2psync.crypto.group import GroupSecret
 from p2psync.crypto.identity import BadNodeId, Identity, NodeId, RandomBytes, open_sealed, seal_to
-from p2psync.errors import BadFrame, IntegrityError, P2PSyncError
+from p2psync.crypto.passphrase import KdfParams, derive_key
+from p2psync.errors import BadFrame, IntegrityError, LocalProtocolError, P2PSyncError
+from p2psync.proto import invites as invites_wire
 from p2psync.proto.codec import (
     as_bytes,
     as_int,
@@ -63,7 +107,11 @@ from p2psync.proto.codec import (
     pack,
     unpack_untrusted,
 )
+from p2psync.proto.entry import hlc_to_ms
 from p2psync.proto.framing import frame
+
+if TYPE_CHECKING:
+    from p2psync.store import StoredEntry
 
 TICKET_PREFIX = "p2pt"
 TICKET_VERSION = 1
@@ -74,6 +122,37 @@ MAX_JOIN_FRAME = 16 * 1024
 MAX_FAILED_PROOFS = 3
 MAX_OPEN_INVITES = 64
 _TRANSCRIPT_LABEL = b"p2psync join v1\x00"
+
+MAX_TICKET_PAYLOAD = 4096  # sealed (+ nonce and tag) it fits invites_wire.MAX_SEALED_SIZE
+
+# --- short codes (candidates for p2psync/defaults.py) --------------------------------
+# The first 8 characters (40 bits) find the invite; the last 8 (40 bits) unlock it.
+SHORT_CODE_LOOKUP_SIZE: Final = 5
+SHORT_CODE_SECRET_SIZE: Final = SHORT_CODE_SIZE - SHORT_CODE_LOOKUP_SIZE
+# Argon2id cost of the secret half. Pinned, not taken from the passphrase
+# defaults: inviter and joiner must agree with nothing but the code between
+# them, so changing these is a new code version. m=64 MiB, t=3 takes ~0.2-0.4 s
+# on a laptop core; docs/pairing-codes.md has the attacker's side.
+SHORT_CODE_ARGON2_TIME_COST: Final = 3
+SHORT_CODE_ARGON2_MEMORY_KIB: Final = 64 * 1024
+SHORT_CODE_ARGON2_PARALLELISM: Final = 1
+# A short code lives at most 10 minutes (the brute-force analysis assumes it).
+SHORT_CODE_MAX_LIFETIME: Final = 600
+# A sealed ticket (the relay's limit): a ticket payload plus nonce and tag.
+MAX_SEALED_TICKET: Final = invites_wire.MAX_SEALED_SIZE
+LAN_TAG_SIZE: Final = 16
+LOOKUP_ID_SIZE: Final = invites_wire.LOOKUP_ID_SIZE
+FETCH_PROOF_SIZE: Final = invites_wire.PROOF_SIZE
+
+_CTX_LOOKUP_ID: Final = "p2psync 2026 short code lookup id v1"
+_CTX_LAN_TAG: Final = "p2psync 2026 short code lan tag v1"
+_CTX_INVITE_ID: Final = "p2psync 2026 short code invite id v1"
+_CTX_SALT: Final = "p2psync 2026 short code salt v1"
+_CTX_JOIN_KEY: Final = "p2psync 2026 short code join key v1"
+_CTX_TICKET_KEY: Final = "p2psync 2026 short code ticket key v1"
+_CTX_FETCH_PROOF: Final = "p2psync 2026 short code relay proof v1"
+_CTX_ADVERT: Final = "p2psync 2026 short code lan advert v1"
+_TICKET_AAD: Final = b"p2psync short code ticket v1"
 
 JOIN_REQUEST, JOIN_CHALLENGE, JOIN_PROOF, JOIN_WELCOME, JOIN_REFUSED = 40, 41, 42, 43, 44
 JOIN_TYPES = frozenset({JOIN_REQUEST, JOIN_CHALLENGE, JOIN_PROOF, JOIN_WELCOME, JOIN_REFUSED})
@@ -101,8 +180,9 @@ class Ticket:
     invite_secret: bytes
     relay: str | None = None
 
-    def encode(self) -> str:
-        payload = pack(
+    def payload(self) -> bytes:
+        """The msgpack body: what :meth:`encode` checksums and a sealed ticket seals."""
+        return pack(
             [
                 TICKET_VERSION,
                 self.inviter.raw,
@@ -113,7 +193,9 @@ class Ticket:
                 self.relay,
             ]
         )
-        return encode_code(TICKET_PREFIX, payload)
+
+    def encode(self) -> str:
+        return encode_code(TICKET_PREFIX, self.payload())
 
     def __repr__(self) -> str:
         return f"Ticket({self.inviter.short()}, {len(self.addresses)} addresses, secret=<hidden>)"
@@ -121,8 +203,12 @@ class Ticket:
 
 def decode_ticket_untrusted(text: str) -> Ticket:
     """Parse a typed or pasted ticket; a typo is a :class:`BadFrame` saying so."""
-    payload = decode_code_untrusted(text, TICKET_PREFIX)
-    items = as_list(unpack_untrusted(payload, max_size=4096), "ticket", length=7)
+    return decode_ticket_payload_untrusted(decode_code_untrusted(text, TICKET_PREFIX))
+
+
+def decode_ticket_payload_untrusted(payload: bytes) -> Ticket:
+    """Inverse of :meth:`Ticket.payload`; :class:`BadFrame` on any fault."""
+    items = as_list(unpack_untrusted(payload, max_size=MAX_TICKET_PAYLOAD), "ticket", length=7)
     as_int(items[0], "ticket version", lo=TICKET_VERSION, hi=TICKET_VERSION)
     try:
         inviter = NodeId(as_bytes(items[1], "ticket inviter", size=32))
@@ -145,6 +231,153 @@ def decode_ticket_untrusted(text: str) -> Ticket:
         invite_secret=as_bytes(items[5], "ticket secret", size=INVITE_SECRET_SIZE),
         relay=as_optional_str(items[6], "ticket relay", max_size=255),
     )
+
+
+# --- short codes ------------------------------------------------------------------
+
+
+def _derive(context: str, material: bytes, size: int = 32) -> bytes:
+    return blake3.blake3(material, derive_key_context=context).digest(length=size)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupHalf:
+    """The first 40 bits of a short code, and what may be derived from them alone.
+
+    Whoever holds only this (relayd, a LAN onlooker who inverted the tag)
+    can find the invite but not open it.
+    """
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != SHORT_CODE_LOOKUP_SIZE:
+            raise LocalProtocolError(f"a lookup half is {SHORT_CODE_LOOKUP_SIZE} bytes")
+
+    @property
+    def lookup_id(self) -> bytes:
+        """The key relayd stores the sealed ticket under."""
+        return _derive(_CTX_LOOKUP_ID, self.raw, LOOKUP_ID_SIZE)
+
+    @property
+    def lan_tag(self) -> bytes:
+        """What the inviter's mDNS advert shows in clear."""
+        return _derive(_CTX_LAN_TAG, self.raw, LAN_TAG_SIZE)
+
+    @property
+    def invite_id(self) -> bytes:
+        """The invite id of the join handshake."""
+        return _derive(_CTX_INVITE_ID, self.raw, INVITE_ID_SIZE)
+
+    @property
+    def salt(self) -> bytes:
+        """Argon2id salt of the secret half: one brute force per code, no shared tables."""
+        return _derive(_CTX_SALT, self.raw, 16)
+
+
+@dataclass(frozen=True, slots=True)
+class CodeKeys:
+    """Everything the secret half unlocks (derived through Argon2id; never logged)."""
+
+    invite_id: bytes
+    invite_secret: bytes
+    ticket_key: bytes
+    fetch_proof: bytes
+    advert_tag: bytes
+
+    @property
+    def verifier(self) -> bytes:
+        """What relayd keeps to check a fetch proof (a preimage would need ``K``)."""
+        return blake3.blake3(self.fetch_proof).digest()
+
+    def __repr__(self) -> str:
+        return "CodeKeys(<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class ShortCode:
+    """A 16-character invite code: lookup half || secret half (see the module docstring)."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != SHORT_CODE_SIZE:
+            raise LocalProtocolError(f"a short code is {SHORT_CODE_SIZE} bytes")
+
+    @classmethod
+    def generate(cls, random_bytes: RandomBytes) -> ShortCode:
+        return cls(random_bytes(SHORT_CODE_SIZE))
+
+    @classmethod
+    def parse_untrusted(cls, text: str) -> ShortCode:
+        """A typed code; :class:`~p2psync.crypto.codes.BadCode` says what is wrong."""
+        return cls(parse_short_code_untrusted(text))
+
+    @property
+    def text(self) -> str:
+        return format_short_code(self.raw)
+
+    @property
+    def lookup(self) -> LookupHalf:
+        return LookupHalf(self.raw[:SHORT_CODE_LOOKUP_SIZE])
+
+    def derive_keys(
+        self,
+        *,
+        time_cost: int = SHORT_CODE_ARGON2_TIME_COST,
+        memory_kib: int = SHORT_CODE_ARGON2_MEMORY_KIB,
+    ) -> CodeKeys:
+        """Argon2id over the secret half (slow on purpose: run it in a worker thread).
+
+        Tests may lower the cost; both sides of one code must use the same.
+        """
+        lookup = self.lookup
+        params = KdfParams(
+            salt=lookup.salt,
+            time_cost=time_cost,
+            memory_kib=memory_kib,
+            parallelism=SHORT_CODE_ARGON2_PARALLELISM,
+        )
+        key = derive_key(self.raw[SHORT_CODE_LOOKUP_SIZE:], params)
+        return CodeKeys(
+            invite_id=lookup.invite_id,
+            invite_secret=_derive(_CTX_JOIN_KEY, key),
+            ticket_key=_derive(_CTX_TICKET_KEY, key),
+            fetch_proof=_derive(_CTX_FETCH_PROOF, key, FETCH_PROOF_SIZE),
+            advert_tag=_derive(_CTX_ADVERT, key, LAN_TAG_SIZE),
+        )
+
+    def __repr__(self) -> str:
+        return f"ShortCode({self.text[:9]}****-****)"
+
+
+def seal_ticket(
+    keys: CodeKeys, lookup: LookupHalf, ticket: Ticket, random_bytes: RandomBytes
+) -> bytes:
+    """The ticket as relayd stores it: only the secret half opens it."""
+    if ticket.invite_id != keys.invite_id or ticket.invite_secret != keys.invite_secret:
+        raise LocalProtocolError("a short code's ticket carries the code's invite id and secret")
+    nonce = random_nonce(random_bytes)
+    aad = _TICKET_AAD + lookup.lookup_id
+    return nonce + xchacha_encrypt(keys.ticket_key, nonce, ticket.payload(), aad)
+
+
+def open_ticket_untrusted(keys: CodeKeys, lookup: LookupHalf, sealed: bytes) -> Ticket:
+    """Open a sealed ticket from relayd: :class:`IntegrityError` if the code does not fit."""
+    if not NONCE_SIZE < len(sealed) <= MAX_SEALED_TICKET:
+        raise BadFrame(f"a sealed ticket is {NONCE_SIZE + 1}..{MAX_SEALED_TICKET} bytes")
+    try:
+        nonce, box = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+        payload = xchacha_decrypt(keys.ticket_key, nonce, box, _TICKET_AAD + lookup.lookup_id)
+    except DecryptionFailed:
+        raise IntegrityError("the code does not open this invite: wrong or mistyped code") from None
+    ticket = decode_ticket_payload_untrusted(payload)
+    if not (
+        hmac.compare_digest(ticket.invite_id, keys.invite_id)
+        and hmac.compare_digest(ticket.invite_secret, keys.invite_secret)
+    ):
+        raise BadFrame("the sealed ticket does not carry the code's own invite")
+    return ticket
 
 
 # --- frames ----------------------------------------------------------------------
@@ -204,13 +437,24 @@ class InviteBook:
         self._open: dict[bytes, Invite] = {}
 
     def create(self, random_bytes: RandomBytes, now: int, lifetime: int) -> Invite:
+        return self.add(
+            random_bytes(INVITE_ID_SIZE), random_bytes(INVITE_SECRET_SIZE), now, lifetime
+        )
+
+    def add(self, invite_id: bytes, secret: bytes, now: int, lifetime: int) -> Invite:
+        """Open an invite whose id and secret were derived elsewhere (a short code's)."""
         self.expire(now)
         if len(self._open) >= MAX_OPEN_INVITES:
             raise JoinRefused("too-many-invites", "too many open invites; wait for some to expire")
-        invite = Invite(random_bytes(INVITE_ID_SIZE), random_bytes(INVITE_SECRET_SIZE),
-                        now + lifetime)  # fmt: skip
-        self._open[invite.invite_id] = invite
+        if invite_id in self._open:
+            raise JoinRefused("duplicate-invite", "this invite is already open")
+        invite = Invite(invite_id, secret, now + lifetime)
+        self._open[invite_id] = invite
         return invite
+
+    def is_open(self, invite_id: bytes, now: int) -> bool:
+        self.expire(now)
+        return invite_id in self._open
 
     def expire(self, now: int) -> None:
         for invite_id in [i for i, inv in self._open.items() if inv.expires <= now]:
@@ -229,10 +473,13 @@ class InviteBook:
     def consume(self, invite: Invite) -> None:
         self._open.pop(invite.invite_id, None)
 
-    def failed_proof(self, invite: Invite) -> None:
+    def failed_proof(self, invite: Invite) -> bool:
+        """Count a wrong proof; True when that burned the invite."""
         invite.failed_proofs += 1
         if invite.failed_proofs >= MAX_FAILED_PROOFS:
             self.consume(invite)
+            return True
+        return False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -280,3 +527,57 @@ def open_secrets(identity: Identity, sealed: bytes) -> list[GroupSecret]:
 def check_mac(expected: bytes, got: object, who: str) -> None:
     if not isinstance(got, bytes) or not hmac.compare_digest(expected, got):
         raise IntegrityError(f"the {who}'s proof does not match the invite")
+
+
+# --- devices: the group's MEMBER entries ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A group member as its MEMBER entry records it.
+
+    ``added_by`` is the entry's author (its signature vouches for it); None
+    for the device that created the group (it recorded itself).
+    """
+
+    node_id: str
+    name: str
+    added_by: str | None
+    added_ms: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "added_by": self.added_by,
+            "added_ms": self.added_ms,
+        }
+
+
+def devices_from_members(members: Sequence[StoredEntry]) -> list[Device]:
+    """One :class:`Device` per NodeId (its latest MEMBER entry), oldest member first.
+
+    Entries whose metadata this device cannot open, or that name no valid
+    NodeId, are skipped.
+    """
+    latest: dict[str, Device] = {}
+    for stored in members:
+        meta = stored.meta
+        if meta is None:
+            continue
+        raw = meta.app.get("node_id")
+        if not isinstance(raw, str):
+            continue
+        try:
+            node_id = str(NodeId.parse(raw))
+        except BadFrame:
+            continue
+        author = str(stored.entry.author)
+        device = Device(
+            node_id=node_id,
+            name=meta.name or "",
+            added_by=None if author == node_id else author,
+            added_ms=hlc_to_ms(stored.entry.hlc),
+        )
+        latest[node_id] = device  # members() is in arrival order: the newest record wins
+    return sorted(latest.values(), key=lambda device: device.added_ms)  # stable: arrival order

@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", metavar="HOST:PORT", help="UDP address (QUIC + STUN)")
     parser.add_argument("--http", metavar="HOST:PORT", help="HTTP address (/health, /metrics)")
     parser.add_argument(
-        "--data", metavar="DIR", help="state directory (keeps the relay identity; else ephemeral)"
+        "--data",
+        metavar="DIR",
+        help="state directory: the relay identity and the group mailbox (without: ephemeral "
+        "identity, no mailbox)",
+    )
+    parser.add_argument(
+        "--no-mailbox",
+        action="store_true",
+        help="do not offer the group mailbox (store-and-forward), even with --data",
     )
     parser.add_argument(
         "--stun-alt-port", metavar="PORT", help="second UDP port answering STUN only"
@@ -94,6 +102,10 @@ def config_from_args(args: argparse.Namespace) -> RelaydConfig:
         if not args.data:
             raise ConfigError("--data: empty directory path")
         config = dataclasses.replace(config, data_dir=args.data)
+    if args.no_mailbox:
+        config = dataclasses.replace(
+            config, mailbox=dataclasses.replace(config.mailbox, enabled=False)
+        )
     if args.log_level is not None:
         config = dataclasses.replace(config, log_level=args.log_level)
     if args.allow is not None:

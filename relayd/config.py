@@ -22,6 +22,16 @@ File format (every key optional; defaults in :mod:`relayd.defaults`)::
     max_connections = 10000
     ...                            # every field of RelaydLimits
 
+    [invites]                      # the short-code invite store (relayd.invites)
+    enabled = true
+    max_stored = 10000
+    ...                            # every field of RelaydInvites
+
+    [mailbox]                      # store-and-forward (relayd.mailbox); runs with ``data``
+    enabled = true
+    retention_s = 604800
+    ...                            # every field of MailboxConfig
+
 Port 0 means "let the OS pick" (tests use it; the bound port is reported).
 
 Access policy: ``allow`` and ``access_token`` become the
@@ -119,6 +129,49 @@ class RelaydLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RelaydInvites:
+    """The invite store's switch and bounds (:mod:`relayd.invites`; why: :mod:`relayd.defaults`)."""
+
+    enabled: bool = True
+    max_stored: int = d.INVITES_MAX_STORED
+    max_per_ip: int = d.INVITES_MAX_PER_IP
+    max_lifetime_s: int = d.INVITES_MAX_LIFETIME_S
+    max_wrong_proofs: int = d.INVITES_MAX_WRONG_PROOFS
+    create_per_ip_rate: float = d.INVITES_CREATE_PER_IP_RATE
+    create_per_ip_burst: int = d.INVITES_CREATE_PER_IP_BURST
+    lookup_per_ip_rate: float = d.INVITES_LOOKUP_PER_IP_RATE
+    lookup_per_ip_burst: int = d.INVITES_LOOKUP_PER_IP_BURST
+    failed_lookup_per_ip_rate: float = d.INVITES_FAILED_LOOKUP_PER_IP_RATE
+    failed_lookup_per_ip_burst: int = d.INVITES_FAILED_LOOKUP_PER_IP_BURST
+    max_tracked_ips: int = d.MAX_TRACKED_IPS
+
+
+# --- mailbox section ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    """The group mailbox (:mod:`relayd.mailbox`); the why of each: :mod:`relayd.defaults`.
+
+    It runs when ``enabled`` and relayd has a data directory to keep it in.
+    """
+
+    enabled: bool = d.MAILBOX_ENABLED
+    retention_s: int = d.MAILBOX_RETENTION_S
+    max_item_bytes: int = d.MAILBOX_MAX_ITEM_BYTES
+    group_quota_bytes: int = d.MAILBOX_GROUP_QUOTA_BYTES
+    total_quota_bytes: int = d.MAILBOX_TOTAL_QUOTA_BYTES
+    min_free_bytes: int = d.MAILBOX_MIN_FREE_BYTES
+    max_devices_per_group: int = d.MAILBOX_MAX_DEVICES_PER_GROUP
+    cleanup_interval_s: float = d.MAILBOX_CLEANUP_INTERVAL_S
+    inline_max_bytes: int = d.MAILBOX_INLINE_MAX_BYTES
+    drop_delivered: bool = d.MAILBOX_DROP_DELIVERED
+
+
+# --- the whole config ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
 class RelaydConfig:
     """The effective configuration; constructors take it, nothing mutates it."""
 
@@ -128,6 +181,8 @@ class RelaydConfig:
     data_dir: str | None = d.DATA_DIR
     log_level: str = d.LOG_LEVEL
     limits: RelaydLimits = field(default_factory=RelaydLimits)
+    invites: RelaydInvites = field(default_factory=RelaydInvites)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     # Access policy: None means open (any node; no token).
     allow: tuple[NodeId, ...] | None = None
     access_token: str | None = field(default=None, repr=False)  # a secret: never printed
@@ -253,6 +308,51 @@ _LIMIT_KEYS: dict[str, Callable[[object], Any]] = {
 }
 
 
+def _want_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+_INVITE_KEYS: dict[str, Callable[[object], Any]] = {
+    f.name: (
+        _want_bool
+        if f.type in ("bool", bool)
+        else _want_positive_float
+        if f.type in ("float", float)
+        else _want_positive_int
+    )
+    for f in dataclasses.fields(RelaydInvites)
+}
+
+
+def _want_non_negative_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"expected an integer >= 0, got {_describe(value)}")
+    return value
+
+
+_MAILBOX_KEYS: dict[str, Callable[[object], Any]] = {
+    f.name: {"bool": _want_bool, "float": _want_positive_float}.get(str(f.type), _want_positive_int)
+    for f in dataclasses.fields(MailboxConfig)
+}
+# 0 means something here: no free-space reserve; every item in a file.
+_MAILBOX_KEYS["min_free_bytes"] = _want_non_negative_int
+_MAILBOX_KEYS["inline_max_bytes"] = _want_non_negative_int
+
+
+def _mailbox_from_table(source: str, value: object) -> MailboxConfig:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: key 'mailbox': expected a [mailbox] table")
+    checked: dict[str, Any] = {}
+    for sub, sub_value in value.items():
+        check = _MAILBOX_KEYS.get(sub)
+        if check is None:
+            raise _unknown(source, f"mailbox.{sub}", _MAILBOX_KEYS)
+        checked[sub] = _checked(source, f"mailbox.{sub}", check, sub_value)
+    return MailboxConfig(**checked)
+
+
 def _checked(source: str, key: str, check: Callable[[object], Any], value: object) -> Any:
     try:
         return check(value)
@@ -268,7 +368,20 @@ def config_from_mapping(data: Mapping[str, object], source: str = "<config>") ->
     """Check a parsed TOML document and build the config; pure, no I/O."""
     top: dict[str, Any] = {}
     limits: dict[str, Any] = {}
+    invites: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "mailbox":
+            top["mailbox"] = _mailbox_from_table(source, value)
+            continue
+        if key == "invites":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key 'invites': expected an [invites] table")
+            for sub, sub_value in value.items():
+                check = _INVITE_KEYS.get(sub)
+                if check is None:
+                    raise _unknown(source, f"invites.{sub}", _INVITE_KEYS)
+                invites[sub] = _checked(source, f"invites.{sub}", check, sub_value)
+            continue
         if key == "limits":
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: key 'limits': expected a [limits] table")
@@ -280,10 +393,11 @@ def config_from_mapping(data: Mapping[str, object], source: str = "<config>") ->
             continue
         spec = _TOP_KEYS.get(key)
         if spec is None:
-            raise _unknown(source, key, {**_TOP_KEYS, "limits": None})
+            tables = {"limits": None, "invites": None, "mailbox": None}
+            raise _unknown(source, key, {**_TOP_KEYS, **tables})
         name, check = spec
         top[name] = _checked(source, key, check, value)
-    return RelaydConfig(**top, limits=RelaydLimits(**limits))
+    return RelaydConfig(**top, limits=RelaydLimits(**limits), invites=RelaydInvites(**invites))
 
 
 def load_config_file(path: Path) -> RelaydConfig:
@@ -311,6 +425,8 @@ def override_limits(config: RelaydConfig, **changes: object) -> RelaydConfig:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
@@ -336,4 +452,10 @@ def config_to_toml(config: RelaydConfig) -> str:
     lines += ["", "[limits]"]
     for f in dataclasses.fields(RelaydLimits):
         lines.append(f"{f.name} = {_toml_value(getattr(config.limits, f.name))}")
+    lines += ["", "[invites]"]
+    for f in dataclasses.fields(RelaydInvites):
+        lines.append(f"{f.name} = {_toml_value(getattr(config.invites, f.name))}")
+    lines += ["", "[mailbox]"]
+    for f in dataclasses.fields(MailboxConfig):
+        lines.append(f"{f.name} = {_toml_value(getattr(config.mailbox, f.name))}")
     return "\n".join(lines) + "\n"

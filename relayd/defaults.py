@@ -84,3 +84,68 @@ LOG_INTERVAL_S = 10.0
 # Each metric keeps at most this many label sets; the rest fold into one
 # overflow series, so no peer-chosen value can grow the registry.
 METRICS_MAX_LABEL_SETS = 64
+
+# --- invites (short-code tickets, relayd.invites) ---------------------------
+# Short codes live 10 minutes; nothing longer is stored (the brute-force
+# analysis in docs/pairing-codes.md assumes it).
+INVITES_MAX_LIFETIME_S = 600
+# A sealed ticket is ~4 KiB at most: 10k of them are ~40 MiB of RAM.
+INVITES_MAX_STORED = 10_000
+# One household behind one NAT pairs a few devices at a time; a host that
+# wants more open invites than this is filling the store.
+INVITES_MAX_PER_IP = 16
+# Creating: an inviter makes a code now and then; 10 at once, then one per 20 s.
+INVITES_CREATE_PER_IP_RATE = 0.05
+INVITES_CREATE_PER_IP_BURST = 10
+# Fetching: a joiner fetches once; retries after a network hiccup are cheap.
+INVITES_LOOKUP_PER_IP_RATE = 1.0
+INVITES_LOOKUP_PER_IP_BURST = 10
+# Failed fetches (unknown first half, wrong second half): a person mistypes a
+# few times; a guesser gets 5 at once, then one a minute: at most
+# 5 + 10 = 15 guesses per address in a code's 10-minute life.
+INVITES_FAILED_LOOKUP_PER_IP_RATE = 1.0 / 60.0
+INVITES_FAILED_LOOKUP_PER_IP_BURST = 5
+# Wrong proofs one invite survives (typos), then it is burnt.
+INVITES_MAX_WRONG_PROOFS = 3
+
+# --- mailbox (store-and-forward; runs when relayd has a --data directory) ----
+# The mailbox is what makes relayd stateful, so it is on whenever a data
+# directory exists to keep it in; without one there is nowhere to keep it.
+MAILBOX_ENABLED = True
+# A device asleep over a long weekend, or a week of travel, still gets what
+# the others wrote; beyond that the devices meet directly or the data waits
+# on the writer (the local store is the source of truth, never the relay).
+MAILBOX_RETENTION_S = 7 * 24 * 3600
+# Any sealed object (a 1 MiB chunk + 46 bytes, a manifest of the largest
+# blob ~2.9 MiB); anything larger is no p2psync item.
+MAILBOX_MAX_ITEM_BYTES = 3 * MiB
+# One group's share: a week of a household's photos, not a backup service.
+MAILBOX_GROUP_QUOTA_BYTES = 2 * 1024 * MiB
+# All groups together: sized for a small VPS disk; raise it with the disk.
+MAILBOX_TOTAL_QUOTA_BYTES = 20 * 1024 * MiB
+# Refuse pushes (storage-full) while the data directory's filesystem has less
+# than this free: the relay's database, logs and the OS must never hit ENOSPC.
+MAILBOX_MIN_FREE_BYTES = 1024 * MiB
+# A user's phones, laptops, desktops and servers; more is abuse of one group.
+MAILBOX_MAX_DEVICES_PER_GROUP = 32
+# Expired items, orphan chunks and stale devices are removed hourly; TTL is
+# exact anyway (expired items are never served, whenever cleanup runs).
+MAILBOX_CLEANUP_INTERVAL_S = 3600.0
+# Items at most this large live inside SQLite, larger ones are files beside
+# it: SQLite reads blobs under ~100 KB faster than separate files (sqlite.org
+# "Internal Versus External BLOBs"), while big blobs in SQLite are written
+# twice (WAL, then checkpoint) and leave free pages instead of freeing disk.
+# Entries (<= 8 KiB), manifests and small last chunks stay in the database;
+# full 1 MiB chunks become files.
+MAILBOX_INLINE_MAX_BYTES = 64 * KiB
+# Drop items every registered device has pulled before their TTL? Off: a
+# device that never contacted this relay (new, or away since before its
+# registration expired) would miss them. Under quota pressure such items
+# are evicted first anyway, before a push is refused.
+MAILBOX_DROP_DELIVERED = False
+# Each stored item costs a row and index entries beyond its bytes; charging
+# this much per item keeps a flood of tiny items inside the quota's meaning.
+MAILBOX_ITEM_OVERHEAD_BYTES = 128
+# SQLite waits this long for another writer (a second relayd on the same
+# directory, a backup tool) before an operation fails.
+MAILBOX_BUSY_TIMEOUT_MS = 10_000

@@ -11,12 +11,15 @@ Per QUIC connection (wire format: :mod:`p2psync.proto.relay`)::
     accept  -> count it (total / per source IP)   full: close with SERVER_FULL
             -> wait for the node's stream          handshake_timeout_s
     reader  -> frames -> decode_node_to_relay_untrusted -> Router.receive
-               (deadline: handshake_timeout_s until WELCOME, then idle_timeout_s
+               (every frame one read completed; when a destination's queue is
+               half full, the writers get a turn before the next frame;
+               deadline: handshake_timeout_s until WELCOME, then idle_timeout_s
                from the last frame; a bad frame or a timeout -> Router.fail)
-    writer  <- Router.take (control first, then relayed frames), one send_all
-               per batch bounded by write_timeout_s: a node that does not read
-               is cut (WRITE_TIMEOUT); meanwhile its queue drops oldest, so a
-               slow node never stalls anyone else.
+    writer  <- Router.take (control first, then relayed frames, at most
+               WRITE_BATCH frames / WRITE_BATCH_BYTES), one send_all per batch
+               bounded by write_timeout_s: a node that does not read is cut
+               (WRITE_TIMEOUT); meanwhile its queue drops oldest, so a slow
+               node never stalls anyone else.
     close   <- ERROR, then FIN; the node hangs up, or we close with the same
                code as the QUIC application error after CLOSE_GRACE_S.
     streams -> every further stream the node opens is a service stream
@@ -69,6 +72,8 @@ from p2psync.net.endpoint import (
 from p2psync.net.service_stream import FramedStream
 from p2psync.net.stun import is_stun
 from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
+from p2psync.proto.invites import SERVICE as INVITES_SERVICE
+from p2psync.proto.mailbox import SERVICE as MAILBOX_SERVICE
 from p2psync.proto.relay import (
     RELAY_ALPN,
     Address,
@@ -90,6 +95,8 @@ from p2psync.proto.services import (
 )
 from relayd import server
 from relayd.config import HostPort, RelaydConfig
+from relayd.invites import InviteStore, invites_service
+from relayd.mailbox_service import run_mailbox, wants_mailbox
 from relayd.metrics import Counter, Registry
 from relayd.routing import AccessPolicy, AuthFailure, DropReason, Router, RoutingLimits
 from relayd.services import Service, ServiceCall
@@ -113,9 +120,11 @@ _KEYFILE_VERSION: Final = 1
 CLOSE_GRACE_S: Final = 1.0
 # On shutdown, connections get this long to take their ERROR and go.
 SHUTDOWN_GRACE_S: Final = 2.0
-# Messages written per send_all: amortises the stream call without letting
-# one batch grow beyond ~4 MiB (64 x 64 KiB payloads).
+# Messages written per send_all: amortises the stream call; the payload
+# bytes of one batch stop at WRITE_BATCH_BYTES (at least one frame goes), so
+# one write never copies megabytes while the others wait.
 WRITE_BATCH: Final = 64
+WRITE_BATCH_BYTES: Final = 256 * 1024
 # QUIC connections beyond max_connections that may be mid-handshake; the
 # relay's own count (with its explicit SERVER_FULL) applies to the rest.
 HANDSHAKE_SLACK: Final = 64
@@ -494,7 +503,13 @@ class QuicRelay:
                             message = decode_node_to_relay_untrusted(
                                 body, max_frame=self.max_frame, node_ids=self.node_ids
                             )
-                            self._wake(router.receive(session, message, now))
+                            woken = router.receive(session, message, now)
+                            self._wake(woken)
+                            if woken and router.filling(woken):
+                                # One read can complete more frames than a queue holds:
+                                # let the woken writers drain before routing more.
+                                await trio.lowlevel.checkpoint()
+                                now = trio.current_time()
                     except FrameTooLarge as exc:
                         self._fail(session, RelayErrorCode.FRAME_TOO_LARGE, str(exc))
                     except BadFrame as exc:
@@ -563,6 +578,20 @@ class QuicRelay:
         except Exception:
             self.m_service_streams.inc(service=name, result="error")
             log.exception("service %s failed on a stream from %s", name, session.ip)
+        except BaseExceptionGroup as group:
+            # A handler's own nursery can mix our cancellation with its error:
+            # log and count the error, let only the cancellation go on.
+            cancelled, failed = group.split(trio.Cancelled)
+            if failed is not None:
+                self.m_service_streams.inc(service=name, result="error")
+                log.error(
+                    "service %s failed on a stream from %s",
+                    name,
+                    session.ip,
+                    exc_info=failed,
+                )
+            if cancelled is not None:
+                raise cancelled from None
         finally:
             if counted:
                 session.service_streams -= 1
@@ -613,7 +642,7 @@ class QuicRelay:
         write_timeout = self.config.limits.write_timeout_s
         try:
             while True:
-                messages, close_code = router.take(session, WRITE_BATCH)
+                messages, close_code = router.take(session, WRITE_BATCH, WRITE_BATCH_BYTES)
                 if not messages and close_code is None:
                     session.wake = trio.Event()
                     await session.wake.wait()
@@ -755,7 +784,11 @@ async def serve(
     ``identity`` defaults to :func:`load_or_create_identity` on
     ``config.data_dir``; ``policy`` (allow-list, access token) to the one
     the config asks for (:meth:`RelaydConfig.access_policy`; open if none).
-    ``services`` are offered on service streams (:mod:`relayd.services`).
+    ``services`` are offered on service streams (:mod:`relayd.services`);
+    the short-code invite store (:mod:`relayd.invites`) is one unless
+    ``config.invites.enabled`` is false or ``services`` brings its own, and
+    so is the group mailbox (:mod:`relayd.mailbox_service`) when relayd has
+    a data directory and ``config.mailbox.enabled``.
     Bind failures raise :class:`~p2psync.errors.ConfigError` before
     ``task_status.started``. Cancellation is the graceful shutdown (module
     docstring); it takes at most about ``SHUTDOWN_GRACE_S``.
@@ -775,7 +808,17 @@ async def serve(
                 relay = QuicRelay(config, endpoint, relay_identity, policy=relay_policy)
                 for service in services:
                     relay.register_service(service)
+                if config.invites.enabled and INVITES_SERVICE not in relay.services:
+                    store = InviteStore(config.invites)
+                    relay.register_service(
+                        invites_service(
+                            store, relay.registry, log_interval=config.limits.log_interval_s
+                        )
+                    )
                 async with trio.open_nursery() as nursery:
+                    if wants_mailbox(config) and MAILBOX_SERVICE not in relay.services:
+                        mailbox = partial(run_mailbox, config, relay.node_id, relay.registry)
+                        relay.register_service(await nursery.start(mailbox))
                     bound: server.BoundAddresses = await nursery.start(
                         partial(server.serve, config, relay=relay, registry=relay.registry)
                     )

@@ -237,6 +237,21 @@ class Router(Generic[H]):
         conn = self._conns.get(handle)
         return 0 if conn is None else len(conn.data) + len(conn.control)
 
+    def filling(self, handles: list[H]) -> bool:
+        """True if a relayed-frame queue of ``handles`` is at least half full.
+
+        The shell's reader gives the writers a turn then, before it routes
+        more frames: one read of a sender's stream can complete many frames,
+        and without that turn they would overflow the (drop-oldest) queue
+        even for a destination that reads fast.
+        """
+        half = self.limits.queue_per_destination // 2
+        for handle in handles:
+            conn = self._conns.get(handle)
+            if conn is not None and len(conn.data) >= half:
+                return True
+        return False
+
     # --- inputs -----------------------------------------------------------------
 
     def open(self, handle: H, observed: Address | None, now: float) -> None:
@@ -318,12 +333,14 @@ class Router(Generic[H]):
     # --- output -----------------------------------------------------------------
 
     def take(
-        self, handle: H, max_messages: int = 64
+        self, handle: H, max_messages: int = 64, max_bytes: int | None = None
     ) -> tuple[list[RelayToNode], RelayErrorCode | None]:
         """Up to ``max_messages`` to write to ``handle`` (control first), and a close code.
 
-        The close code is set once the connection is CLOSING and its ERROR is
-        in the returned batch: write the batch, then close with that code.
+        Relayed frames stop once their payloads reach ``max_bytes`` (at least
+        one is taken). The close code is set once the connection is CLOSING
+        and its ERROR is in the returned batch: write the batch, then close
+        with that code.
         """
         conn = self._conns.get(handle)
         if conn is None:
@@ -333,10 +350,14 @@ class Router(Generic[H]):
         counters = self.counters
         while control and len(out) < max_messages:
             out.append(control.popleft())
-        while data and len(out) < max_messages:
+        budget = max_bytes if max_bytes is not None else -1
+        taken = 0
+        while data and len(out) < max_messages and (budget < 0 or taken < budget):
             frame = data.popleft()
+            size = len(frame.payload)
+            taken += size
             counters.frames_relayed += 1
-            counters.bytes_relayed += len(frame.payload)
+            counters.bytes_relayed += size
             out.append(frame)
         if conn.state is _State.CLOSING and not control:
             return out, conn.close_code

@@ -2,17 +2,23 @@
 
 ``connect_if_running(home_path)`` returns a client when a daemon listens on
 the home's socket, else ``None`` — the CLI then works on the store directly.
+
+    with connect_if_running(home) as daemon:
+        row = daemon.call("put", {"path": "/tmp/a", "progress": True}, on_event=print)
+        for event in daemon.stream("subscribe", {"after": 0}):
+            ...
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from p2psync import defaults
 from p2psync.control.protocol import (
-    MAX_LINE,
     SOCKET_NAME,
     ErrorCode,
     JsonObject,
@@ -23,11 +29,21 @@ from p2psync.errors import BadFrame, BrokenResourceError, NotFound, P2PSyncError
 
 
 class DaemonError(P2PSyncError):
-    """The daemon answered a request with an error."""
+    """The daemon answered a request with an error; ``code`` is its stable code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _raise_for(error: Any) -> None:
+    if not isinstance(error, dict):
+        raise BadFrame("daemon sent a malformed error")
+    code = str(error.get("code", ErrorCode.INTERNAL))
+    message = str(error.get("message", "unknown error"))
+    if code == ErrorCode.NOT_FOUND:
+        raise NotFound(message)
+    raise DaemonError(code, message)
 
 
 class ControlClient:
@@ -47,40 +63,70 @@ class ControlClient:
         self.close()
 
     def _read_reply(self) -> JsonObject:
-        line = self._reader.readline(MAX_LINE + 1)
+        line = self._reader.readline(defaults.CONTROL_MAX_REPLY + 1)
         if not line:
             raise BrokenResourceError("the daemon closed the control connection")
+        if not line.endswith(b"\n"):
+            raise BadFrame("daemon reply line too long")
         return decode_reply_untrusted(line)
 
-    def call(self, method: str, params: JsonObject | None = None) -> Any:
+    def _send(self, method: str, params: JsonObject | None) -> int:
         request_id = next(self._ids)
-        self._sock.sendall(encode_line({"id": request_id, "method": method,
-                                        "params": params or {}}))  # fmt: skip
-        reply = self._read_reply()
-        if reply.get("id") not in (request_id, None):
-            raise BadFrame("daemon answered a different request")
-        if "error" in reply:
-            error = reply["error"]
-            code = str(error.get("code", ErrorCode.INTERNAL))
-            message = str(error.get("message", "unknown error"))
-            if code == ErrorCode.NOT_FOUND:
-                raise NotFound(message)
-            raise DaemonError(code, message)
-        return reply.get("result")
+        self._sock.sendall(
+            encode_line({"id": request_id, "method": method, "params": params or {}})
+        )
+        return request_id
 
-    def stream(self, method: str, params: JsonObject | None = None) -> Any:
-        """Start a streaming request; iterate the returned generator for events."""
-        request_id = next(self._ids)
-        self._sock.sendall(encode_line({"id": request_id, "method": method,
-                                        "params": params or {}}))  # fmt: skip
+    def call(
+        self,
+        method: str,
+        params: JsonObject | None = None,
+        *,
+        on_event: Callable[[JsonObject], None] | None = None,
+    ) -> Any:
+        """Send one request, return its result; events before it go to ``on_event``."""
+        request_id = self._send(method, params)
         while True:
             reply = self._read_reply()
+            if reply.get("id") not in (request_id, None):
+                raise BadFrame("daemon answered a different request")
             if "error" in reply:
-                error = reply["error"]
-                raise DaemonError(str(error.get("code")), str(error.get("message")))
+                _raise_for(reply["error"])
             if "event" in reply:
-                yield reply["event"]
-            else:
+                if on_event is not None:
+                    on_event(reply["event"])
+                continue
+            return reply.get("result")
+
+    def stream(self, method: str, params: JsonObject | None = None) -> Iterator[JsonObject]:
+        """Start a stream (``subscribe``); iterate the returned generator for events.
+
+        Closing the generator early (``break``) sends ``cancel`` and reads up
+        to the stream's final reply, so the connection stays usable.
+        """
+        request_id = self._send(method, params)
+        finished = False
+        try:
+            while True:
+                reply = self._read_reply()
+                if "error" in reply:
+                    finished = True
+                    _raise_for(reply["error"])
+                if "event" in reply:
+                    yield reply["event"]
+                else:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    def cancel(self, request_id: int) -> None:
+        """End the stream ``request_id``; skip its remaining events."""
+        self._sock.sendall(encode_line({"id": next(self._ids), "method": "cancel"}))
+        while True:
+            reply = self._read_reply()
+            if reply.get("id") == request_id and "event" not in reply:
                 return
 
 

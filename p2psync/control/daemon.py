@@ -1,82 +1,220 @@
 """The daemon's control methods: what a running node answers on its socket.
 
-Methods (params -> result; errors carry the codes of
-:class:`p2psync.control.protocol.ErrorCode`)::
+The same operations as the library API (:class:`p2psync.node.Node`), as
+JSON. docs/control-api.md is the reference with examples; in short
+(params -> result)::
 
-    put        {path, key?, anonymous?}  -> entry         store a file the caller can read
-                                            (anonymous: keep no file name, key required)
-    get        {target, output}          -> {path, size}  write a key's value (or a blob) out
-    ls         {}                        -> [entry, ...]  current value of every key
-    rm         {key}                     -> entry         tombstone a key
-    status     {}                        -> node status (peers, paths, counters)
-    invite     {lifetime?}               -> {ticket, expires}  a one-time join ticket
-    whoami     {}                        -> {node_id, name, group_id, home}
-    subscribe  {after?}                  -> events {type: "entry-added", entry} for every
-                                            entry after cursor ``after``, then live ones
+    put        {key?, path | text | base64, content_type?, meta?, anonymous?, progress?}
+                                           -> entry
+    get        {target, output?, wait?, progress?}
+                                           -> {path, size} | {size, base64, text?}
+    ls         {}                          -> [entry, ...]      live keys (pending ones
+                                                                with "progress")
+    rm         {key}                       -> entry             the tombstone
+    pull       {after?, limit?}            -> {changes: [entry, ...], cursor, more}
+    status     {}                          -> node status (peers, transfers, relay, counters)
+    peers      {}                          -> [peer, ...]
+    whoami     {}                          -> {node_id, name, group_id, home}
+    invite     {lifetime?, short?}         -> {ticket, expires}, or with short: true
+                                           {code, expires, relay, lan, relay_problem}
+    revoke-invite {code}                   -> {revoked}        close an open short code
+    subscribe  {after?, events?}           -> stream of events until cancel/EOF:
+        entry-added {entry}   every entry after cursor ``after`` (backlog, then live)
+        peer-connected {node_id, path, address}  peer-disconnected {node_id, reason}
+        path-changed {node_id, path, previous}
+        sync-progress {blob, key, bytes_done, bytes_total, rate, complete}
+        events-dropped {count}  (this reader fell behind on status events)
 
-``entry`` is the JSON shape of :func:`p2psync.ops.entry_json`. Paths are
-resolved by the daemon, which runs as the same user (the socket is 0600).
+``entry`` is :meth:`p2psync.api.Change.to_json`. Paths are resolved by the
+daemon, which runs as the same user (the socket is 0600). ``progress: true``
+on put/get sends ``{"type": "progress", "bytes_done", "bytes_total"}``
+events before the result.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from p2psync import defaults, ops
+from p2psync.api import event_json
 from p2psync.control.protocol import (
     SOCKET_NAME,
     ControlError,
     ErrorCode,
     JsonObject,
+    param_bool,
     param_int,
     param_optional_str,
     param_str,
+    param_str_list,
 )
 from p2psync.control.server import ControlServer, EmitEvent
+from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, JoinRefused
 
 if TYPE_CHECKING:
     from p2psync.node import Node
+
+T = TypeVar("T")
+
+EVENT_TYPES = (
+    "entry-added",
+    "peer-connected",
+    "peer-disconnected",
+    "path-changed",
+    "sync-progress",
+)
 
 
 def _path(params: JsonObject, name: str) -> Path:
     return Path(param_str(params, name)).expanduser()
 
 
-def control_server_for(node: Node) -> ControlServer:
-    async def put(params: JsonObject) -> Any:
-        key = param_optional_str(params, "key")
-        path = _path(params, "path")
-        if params.get("anonymous") is True:  # spooled stdin: the file name means nothing
-            if key is None:
-                raise ControlError(ErrorCode.BAD_PARAMS, "an anonymous put needs a key")
-            stored = await node.put_stream_from(path, key=key)
-        else:
-            stored = await node.put_path(path, key=key)
-        return ops.entry_json(stored)
+async def with_progress(
+    emit: EmitEvent,
+    enabled: bool,
+    total: int | None,
+    work: Callable[[ops.Progress | None], Awaitable[T]],
+) -> T:
+    """Run ``work(progress)``; if enabled, emit ``progress`` events while it runs."""
+    if not enabled:
+        return await work(None)
+    done = 0
 
-    async def get(params: JsonObject) -> Any:
+    def progress(count: int) -> None:  # called from the worker thread
+        nonlocal done
+        done = count
+
+    async def report() -> None:
+        sent = -1
+        while True:
+            if done != sent:
+                sent = done
+                await emit({"type": "progress", "bytes_done": done, "bytes_total": total})
+            await trio.sleep(defaults.PROGRESS_EVENT_INTERVAL)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report)
+        result = await work(progress)
+        nursery.cancel_scope.cancel()
+    await emit({"type": "progress", "bytes_done": done, "bytes_total": total, "finished": True})
+    return result
+
+
+def control_server_for(node: Node) -> ControlServer:
+    async def put(params: JsonObject, emit: EmitEvent) -> Any:
+        key = param_optional_str(params, "key")
+        content_type = param_optional_str(params, "content_type")
+        meta = params.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise ControlError(ErrorCode.BAD_PARAMS, "parameter 'meta' must be an object")
+        sources = [name for name in ("path", "text", "base64") if params.get(name) is not None]
+        if len(sources) != 1:
+            raise ControlError(ErrorCode.BAD_PARAMS, "put needs exactly one of path, text, base64")
+        source: ops.Source
+        total: int | None
+        if sources[0] == "path":
+            path = _path(params, "path")
+            total = path.stat().st_size if path.is_file() else None
+            source = path
+            if param_bool(params, "anonymous"):  # spooled stdin: the file name means nothing
+                if key is None:
+                    raise ControlError(ErrorCode.BAD_PARAMS, "an anonymous put needs a key")
+                anonymous_key = key
+
+                async def put_spool(progress: ops.Progress | None) -> Any:
+                    stored = await node.put_stream_from(path, key=anonymous_key, progress=progress)
+                    return ops.entry_json(stored)
+
+                return await with_progress(emit, param_bool(params, "progress"), total, put_spool)
+        elif sources[0] == "text":
+            source = param_str(params, "text").encode()
+            total = len(source)
+        else:
+            try:
+                source = base64.b64decode(param_str(params, "base64"), validate=True)
+            except binascii.Error as exc:
+                raise ControlError(ErrorCode.BAD_PARAMS, f"'base64' is not base64: {exc}") from None
+            total = len(source)
+
+        async def put_source(progress: ops.Progress | None) -> Any:
+            change = await node.put(
+                source, key=key, meta=meta, content_type=content_type, progress=progress
+            )
+            return change.to_json()
+
+        return await with_progress(emit, param_bool(params, "progress"), total, put_source)
+
+    async def get(params: JsonObject, emit: EmitEvent) -> Any:
+        target = param_str(params, "target")
+        wait = param_bool(params, "wait")
+        if params.get("output") is None:
+            size = await node.locked(ops.blob_size, node.store, target)
+            if size is not None and size > defaults.CONTROL_INLINE_MAX:
+                raise ControlError(
+                    ErrorCode.TOO_LARGE,
+                    f"{target} is {size} bytes; inline values are at most "
+                    f"{defaults.CONTROL_INLINE_MAX}: pass 'output' (a path) instead",
+                )
+            data = await node.get(target, wait=wait)
+            if len(data) > defaults.CONTROL_INLINE_MAX:  # a blob id: size known only now
+                raise ControlError(
+                    ErrorCode.TOO_LARGE,
+                    "value too large to return inline; pass 'output' (a path) instead",
+                )
+            reply: JsonObject = {"size": len(data), "base64": base64.b64encode(data).decode()}
+            with contextlib.suppress(UnicodeDecodeError):
+                reply["text"] = data.decode()
+            return reply
         output = _path(params, "output")
-        size = await node.get_to_path(param_str(params, "target"), output)
+        total = await node.locked(ops.blob_size, node.store, target)
+
+        async def write(progress: ops.Progress | None) -> int:
+            return await node.get_to_path(target, output, wait=wait, progress=progress)
+
+        size = await with_progress(emit, param_bool(params, "progress"), total, write)
         return {"path": str(output), "size": size}
 
-    async def ls(params: JsonObject) -> Any:
+    async def ls(params: JsonObject, emit: EmitEvent) -> Any:
         return await node.ls()
 
-    async def rm(params: JsonObject) -> Any:
-        return ops.entry_json(await node.delete(param_str(params, "key")))
+    async def rm(params: JsonObject, emit: EmitEvent) -> Any:
+        return (await node.delete(param_str(params, "key"))).to_json()
 
-    async def invite(params: JsonObject) -> Any:
+    async def pull(params: JsonObject, emit: EmitEvent) -> Any:
+        after = param_int(params, "after", 0)
+        limit = param_int(
+            params, "limit", defaults.PULL_DEFAULT_LIMIT, lo=1, hi=defaults.PULL_MAX_LIMIT
+        )
+        return (await node.pull(after=after, limit=limit)).to_json()
+
+    async def invite(params: JsonObject, emit: EmitEvent) -> Any:
         lifetime = param_int(params, "lifetime", defaults.INVITE_LIFETIME, lo=10, hi=86_400)
+        if param_bool(params, "short"):
+            try:
+                offered = await node.create_short_invite(min(lifetime, SHORT_CODE_MAX_LIFETIME))
+            except JoinRefused as exc:
+                raise ControlError(ErrorCode.BAD_PARAMS, str(exc)) from None
+            return offered.to_json()
         ticket = node.create_invite(lifetime)
         return {"ticket": ticket.encode(), "expires": ticket.expires}
 
-    async def status(params: JsonObject) -> Any:
+    async def revoke_invite(params: JsonObject, emit: EmitEvent) -> Any:
+        return {"revoked": node.revoke_short_invite(param_str(params, "code"))}
+
+    async def status(params: JsonObject, emit: EmitEvent) -> Any:
         return node.status()
 
-    async def whoami(params: JsonObject) -> Any:
+    async def peers(params: JsonObject, emit: EmitEvent) -> Any:
+        return [peer.to_json() for peer in node.peers()]
+
+    async def whoami(params: JsonObject, emit: EmitEvent) -> Any:
         state = node.status()
         return {
             "node_id": state["node_id"],
@@ -86,14 +224,29 @@ def control_server_for(node: Node) -> ControlServer:
         }
 
     async def subscribe(params: JsonObject, emit: EmitEvent) -> None:
-        cursor = param_int(params, "after", 0)
-        while True:
-            changed = node.changes()  # taken before pulling: no change slips between
-            page, cursor = await node.locked(node.store.pull, cursor, 256)
-            for stored in page:
-                await emit({"type": "entry-added", "entry": ops.entry_json(stored)})
-            if not page:
-                await changed.wait()
+        after = param_int(params, "after", 0)
+        wanted = param_str_list(params, "events")
+        types = set(EVENT_TYPES if wanted is None else wanted)
+        unknown = sorted(types - set(EVENT_TYPES))
+        if unknown or not types:
+            raise ControlError(
+                ErrorCode.BAD_PARAMS,
+                f"unknown event type(s) {', '.join(unknown) or '(none given)'}; "
+                f"known: {', '.join(EVENT_TYPES)}",
+            )
+
+        async def entries() -> None:
+            async for change in node.subscribe(after=after):
+                await emit({"type": "entry-added", "entry": change.to_json()})
+
+        # The status stream is opened before anything is sent, so no event
+        # between the start of the request and the first read is lost.
+        async with node.events() as events, trio.open_nursery() as nursery:
+            if "entry-added" in types:
+                nursery.start_soon(entries)
+            async for event in events:
+                if event.type in types or event.type == "events-dropped":
+                    await emit(event_json(event))
 
     return ControlServer(
         {
@@ -101,9 +254,12 @@ def control_server_for(node: Node) -> ControlServer:
             "get": get,
             "ls": ls,
             "rm": rm,
+            "pull": pull,
             "status": status,
+            "peers": peers,
             "whoami": whoami,
             "invite": invite,
+            "revoke-invite": revoke_invite,
         },
         {"subscribe": subscribe},
     )

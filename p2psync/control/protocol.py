@@ -7,23 +7,29 @@ language) drives a running daemon through ``HOME/control.sock``. The
 socket file is mode 0600 inside a 0700 home: the kernel's permission check
 *is* the authentication, as with ssh-agent.
 
-Wire format: one JSON object per line (UTF-8, ``\\n``-terminated, at most
-:data:`MAX_LINE` bytes)::
+Wire format: one JSON object per line (UTF-8, ``\\n``-terminated; a request
+at most :data:`MAX_LINE` bytes)::
 
-    -> {"id": 7, "method": "put", "params": {"key": "notes/a", "path": "/tmp/a"}}
+    -> {"id": 7, "method": "put", "params": {"key": "notes/a", "text": "hi"}}
     <- {"id": 7, "result": {...}}
     <- {"id": 7, "error": {"code": "not-found", "message": "no key named 'x'"}}
 
     -> {"id": 8, "method": "subscribe", "params": {"after": 0}}
-    <- {"id": 8, "event": {"type": "entry-added", ...}}     (any number)
-    <- {"id": 8, "result": {"done": true}}                   (if the stream ends)
+    <- {"id": 8, "event": {"type": "entry-added", "entry": {...}}}   (any number)
+    -> {"id": 9, "method": "cancel"}                                  (optional)
+    <- {"id": 8, "result": {"done": true, "cancelled": true}}
 
 ``id`` is any JSON string or integer chosen by the client and echoed back;
-requests on one connection are answered in order. Error codes are stable
-strings (:class:`ErrorCode`); messages are for humans. A malformed line gets
-a ``bad-request`` error (with ``id`` null if none could be read) and the
-connection stays usable; a line over the limit closes the connection after
-a ``too-large`` error, because its end cannot be found safely.
+every reply and event carries the id of its request. Requests on one
+connection are answered in order (a client may pipeline them). Some
+requests also send events before their result (``put``/``get`` with
+``"progress": true``). A *stream* (``subscribe``) runs until the client
+sends ``cancel`` or closes the connection; other requests sent meanwhile get
+a ``busy`` error. Error codes are stable strings (:class:`ErrorCode`);
+messages are for humans. A malformed line gets a ``bad-request`` error (with
+``id`` null if none could be read) and the connection stays usable; a line
+over the limit closes the connection after a ``too-large`` error, because
+its end cannot be found safely. docs/control-api.md is the reference.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2psync import defaults
 from p2psync.errors import BadFrame
 
-MAX_LINE = 1024 * 1024
+MAX_LINE = defaults.CONTROL_MAX_REQUEST
 SOCKET_NAME = "control.sock"
 
 JsonObject = dict[str, Any]
@@ -43,12 +50,15 @@ RequestId = str | int | None
 
 
 class ErrorCode(enum.StrEnum):
+    """Stable error codes; docs/control-api.md says when each is sent."""
+
     BAD_REQUEST = "bad-request"
     UNKNOWN_METHOD = "unknown-method"
     BAD_PARAMS = "bad-params"
     NOT_FOUND = "not-found"
     PENDING = "pending"
     TOO_LARGE = "too-large"
+    BUSY = "busy"
     NO_GROUP = "no-group"
     INTEGRITY = "integrity"
     INTERNAL = "internal"
@@ -137,9 +147,26 @@ def param_optional_str(params: JsonObject, name: str) -> str | None:
 
 
 def param_int(params: JsonObject, name: str, default: int, *, lo: int = 0, hi: int = 2**62) -> int:
-    value = params.get(name, default)
+    value = params.get(name)
+    value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ControlError(
             ErrorCode.BAD_PARAMS, f"parameter '{name}' must be an integer {lo}..{hi}"
         )
+    return value
+
+
+def param_bool(params: JsonObject, name: str, default: bool = False) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise ControlError(ErrorCode.BAD_PARAMS, f"parameter '{name}' must be true or false")
+    return value
+
+
+def param_str_list(params: JsonObject, name: str) -> list[str] | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ControlError(ErrorCode.BAD_PARAMS, f"parameter '{name}' must be a list of strings")
     return value

@@ -2,9 +2,20 @@
 
 Reads request lines, dispatches each to a handler, writes reply lines. The
 daemon supplies the handlers; this module knows nothing of stores or peers.
-Bounded: line length, concurrent clients, and an event stream that a client
-does not read is dropped (the client is told with a ``too-large``-style
-``lagged`` event rather than the daemon buffering without limit).
+
+Two kinds of method:
+
+- **requests** (``handlers``): ``handler(params, emit) -> result``. They may
+  ``emit`` events before returning (progress of a long put). The connection's
+  input is not read meanwhile, so a client may pipeline requests.
+- **streams** (``streams``): same signature, but they may run for ever. While
+  one runs the server keeps reading the connection: ``cancel`` ends the
+  stream, end-of-file cancels it (a client that went away never leaves a
+  task behind), any other request is answered ``busy``.
+
+Bounded: request line length, concurrent clients; a handler that raises
+something unexpected is logged and answered ``internal`` — the daemon keeps
+serving everyone else.
 """
 
 from __future__ import annotations
@@ -20,11 +31,13 @@ from typing import Any
 
 import trio
 
+from p2psync import defaults
 from p2psync.control.protocol import (
     MAX_LINE,
     ControlError,
     ErrorCode,
     JsonObject,
+    Request,
     RequestId,
     decode_request_untrusted,
     error_line,
@@ -42,14 +55,17 @@ from p2psync.errors import (
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 64
+MAX_CLIENTS = defaults.CONTROL_MAX_CLIENTS
 
-Handler = Callable[[JsonObject], Awaitable[Any]]
 EmitEvent = Callable[[JsonObject], Awaitable[None]]
-StreamHandler = Callable[[JsonObject, EmitEvent], Awaitable[None]]
+Handler = Callable[[JsonObject, EmitEvent], Awaitable[Any]]
+StreamHandler = Handler
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-def _code_for(exc: P2PSyncError) -> ErrorCode:
+def code_for(exc: P2PSyncError) -> ErrorCode:
+    """The wire error code of a library error (one mapping, used for every method)."""
     from p2psync.store.store import BlobPending
 
     if isinstance(exc, BlobPending):
@@ -65,6 +81,44 @@ def _code_for(exc: P2PSyncError) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one error inside (nested) single-error groups, which handler nurseries raise."""
+    while isinstance(exc, BaseExceptionGroup):
+        gone = [e for e in exc.exceptions if isinstance(_unwrap(e), _GONE)]
+        if gone and len(gone) == len(exc.exceptions):
+            return _unwrap(gone[0])
+        if len(exc.exceptions) != 1:
+            return exc
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _LineTooLong(Exception):
+    pass
+
+
+class _Lines:
+    """Lines from a stream, with a bounded buffer; ``None`` at end of input."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return line
+            if len(self._buffer) > MAX_LINE:
+                raise _LineTooLong
+            data = await self._stream.receive_some(65536)
+            if not data:
+                return None
+            self._buffer += data
+
+
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -78,7 +132,13 @@ class ControlServer:
         self._handlers = dict(handlers)
         self._streams = dict(streams or {})
         self._clients = 0
-        self.errors = 0
+        self.errors = 0  # error replies sent (bad requests, failed calls)
+        self.crashes = 0  # handlers that raised something unexpected
+
+    @property
+    def clients(self) -> int:
+        """Client connections open right now."""
+        return self._clients
 
     async def serve(
         self, socket_path: Path, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
@@ -93,7 +153,7 @@ class ControlServer:
                         stream = trio.SocketStream(sock)
                         if self._clients >= MAX_CLIENTS:
                             await _send_and_close(
-                                stream, error_line(None, ErrorCode.TOO_LARGE, "too many clients")
+                                stream, error_line(None, ErrorCode.BUSY, "too many clients")
                             )
                             continue
                         nursery.start_soon(self._client, stream)
@@ -102,61 +162,134 @@ class ControlServer:
 
     async def _client(self, stream: trio.SocketStream) -> None:
         self._clients += 1
-        buffer = bytearray()
+        lines = _Lines(stream)
         try:
             async with stream:
                 while True:
-                    newline = buffer.find(b"\n")
-                    if newline < 0:
-                        if len(buffer) > MAX_LINE:
-                            self.errors += 1
-                            await stream.send_all(
-                                error_line(None, ErrorCode.TOO_LARGE, "request line too long")
-                            )
-                            return
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            return
-                        buffer += data
-                        continue
-                    line = bytes(buffer[:newline])
-                    del buffer[: newline + 1]
-                    if line.strip():
-                        await self._answer(stream, line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    try:
+                        line = await lines.next()
+                    except _LineTooLong:
+                        self.errors += 1
+                        await stream.send_all(
+                            error_line(None, ErrorCode.TOO_LARGE, "request line too long")
+                        )
+                        return
+                    if line is None:
+                        return
+                    if line.strip() and not await self._answer(stream, lines, line):
+                        return
+        except _GONE:
             log.debug("control client went away")
         finally:
             self._clients -= 1
 
-    async def _answer(self, stream: trio.SocketStream, line: bytes) -> None:
+    async def _answer(self, stream: trio.SocketStream, lines: _Lines, line: bytes) -> bool:
+        """Answer one request line; False if the connection is finished."""
         request_id: RequestId = None
         try:
             request = decode_request_untrusted(line)
             request_id = request.id
             if request.method in self._streams:
-
-                async def emit(event: JsonObject) -> None:
-                    await stream.send_all(event_line(request_id, event))
-
-                await self._streams[request.method](request.params, emit)
-                await stream.send_all(result_line(request_id, {"done": True}))
-                return
+                return await self._run_stream(stream, lines, request)
             handler = self._handlers.get(request.method)
             if handler is None:
                 known = ", ".join(sorted({*self._handlers, *self._streams}))
                 raise ControlError(
                     ErrorCode.UNKNOWN_METHOD, f"unknown method {request.method!r}; known: {known}"
                 )
-            result = await handler(request.params)
+
+            async def emit(event: JsonObject) -> None:
+                await stream.send_all(event_line(request_id, event))
+
+            result = await handler(request.params, emit)
             reply = result_line(request_id, result)
-        except ControlError as exc:
-            self.errors += 1
-            reply = error_line(exc.request_id or request_id, exc.code, exc.message)
-        except P2PSyncError as exc:
-            reply = error_line(request_id, _code_for(exc), str(exc))
-        except OSError as exc:
-            reply = error_line(request_id, ErrorCode.BAD_PARAMS, f"{exc.strerror}: {exc.filename}")
+        except Exception as caught:
+            exc = _unwrap(caught)
+            if isinstance(exc, _GONE):
+                raise exc from None
+            reply = self._error_reply(request_id, exc)
         await stream.send_all(reply)
+        return True
+
+    def _error_reply(self, request_id: RequestId, exc: BaseException) -> bytes:
+        self.errors += 1
+        if isinstance(exc, ControlError):
+            return error_line(exc.request_id or request_id, exc.code, exc.message)
+        if isinstance(exc, P2PSyncError):
+            return error_line(request_id, code_for(exc), str(exc))
+        if isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            return error_line(request_id, ErrorCode.BAD_PARAMS, f"{exc.strerror or exc}{where}")
+        self.crashes += 1
+        log.exception("control request %r failed unexpectedly", request_id)
+        return error_line(request_id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    async def _run_stream(self, stream: trio.SocketStream, lines: _Lines, request: Request) -> bool:
+        """Run a stream until it ends, the client cancels it or goes away."""
+        request_id = request.id
+        send_lock = trio.Lock()  # the stream and the input watcher both write
+        outcome: dict[str, Any] = {"reply": None, "open": True, "cancelled": False}
+
+        async def send(data: bytes) -> None:
+            async with send_lock:
+                await stream.send_all(data)
+
+        async def emit(event: JsonObject) -> None:
+            await send(event_line(request_id, event))
+
+        async def run(cancel: trio.CancelScope) -> None:
+            try:
+                result = await self._streams[request.method](request.params, emit)
+                final = {"done": True} if result is None else result
+                outcome["reply"] = result_line(request_id, final)
+            except Exception as caught:
+                exc = _unwrap(caught)
+                if isinstance(exc, _GONE):
+                    outcome["open"] = False
+                else:
+                    outcome["reply"] = self._error_reply(request_id, exc)
+            cancel.cancel()
+
+        async def watch_input(cancel: trio.CancelScope) -> None:
+            try:
+                while True:
+                    line = await lines.next()
+                    if line is None:
+                        outcome["open"] = False
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        other = decode_request_untrusted(line)
+                    except ControlError as exc:
+                        await send(error_line(exc.request_id, exc.code, exc.message))
+                        continue
+                    if other.method == "cancel":
+                        outcome["cancelled"] = True
+                        final = {"done": True, "cancelled": True}
+                        outcome["reply"] = result_line(request_id, final)
+                        break
+                    busy = (
+                        f"request {request_id!r} is streaming on this connection: "
+                        "send cancel, or use another connection"
+                    )
+                    await send(error_line(other.id, ErrorCode.BUSY, busy))
+            except _LineTooLong:
+                await send(error_line(None, ErrorCode.TOO_LARGE, "request line too long"))
+                outcome["open"] = False
+            except _GONE:
+                outcome["open"] = False
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, nursery.cancel_scope)
+            nursery.start_soon(watch_input, nursery.cancel_scope)
+        if not outcome["open"]:
+            log.debug("control client left during %s", request.method)
+            return False
+        if outcome["reply"] is not None:
+            await stream.send_all(outcome["reply"])
+        return True
 
 
 def _clear_stale_socket(socket_path: Path) -> None:

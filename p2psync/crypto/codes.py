@@ -22,10 +22,13 @@ zero), so one payload has exactly one spelling.
 **Short codes** (:func:`format_short_code`): 80 bits as 16 characters of
 Crockford's base32 (``0-9 A-Z`` without ``I L O U``), shown as
 ``XXXX-XXXX-XXXX-XXXX``. On input, ``i``/``l`` read as ``1`` and ``o`` as
-``0``, case is ignored. There is no room for a checksum: a short code's
-integrity comes from the MAC or decryption that it unlocks (the code keys a
-MAC or an AEAD on the other side), so a typo yields "wrong or mistyped
-code", never a wrong group.
+``0``, case is ignored. There is no room for a checksum: every bit is
+needed for the two 40-bit halves of the split token (see
+:mod:`p2psync.pairing`). A short code's integrity comes from what it
+unlocks: a typo in the first half finds no invite, a typo in the second
+half fails relayd's fetch proof or the sealed LAN advert *before* anything
+is consumed, so a typo yields "wrong or mistyped code", never a wrong group
+and never a burnt invite.
 
 Rules
 -----
@@ -159,6 +162,16 @@ def decode_code_untrusted(text: str, prefix: str) -> bytes:
     if not hmac.compare_digest(checksum, _checksum(prefix, payload)):
         raise BadCode("checksum does not match: a character is mistyped or missing")
     return payload
+
+
+def has_prefix(text: str, prefix: str) -> bool:
+    """Whether pasted ``text`` starts with ``prefix`` once cleaned: which parser to use.
+
+    Never raises for any ``str``; too-long text is "no" (its parser says why).
+    """
+    if not isinstance(text, str) or len(text) > defaults.MAX_CODE_LENGTH:
+        return False
+    return _clean(text)[0].startswith(prefix)
 
 
 def format_short_code(raw: bytes) -> str:

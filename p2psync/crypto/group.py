@@ -15,7 +15,11 @@ for the purposes ``blob`` (chunk encryption), ``meta`` (entry metadata),
 ``index`` (blinded index keys), ``membership`` (MAC proving membership in a
 handshake), ``mdns tag`` (rotating LAN discovery tags), ``dedupe`` (keyed
 nonces, see :func:`p2psync.crypto.aead.keyed_nonce`) and ``invite``
-(invitation/join codes). All outputs are 32 bytes.
+(invitation/join codes). All outputs are 32 bytes. One more is derived from
+the secret alone (no epoch), like the group id: ``mailbox_seed =
+BLAKE3-derive("p2psync 2026 mailbox key v1", secret)``, the seed of the
+Ed25519 key pair that proves membership to relayd's mailbox
+(:func:`mailbox_key`).
 
 The group id and epochs
 ~~~~~~~~~~~~~~~~~~~~~~~
@@ -60,7 +64,7 @@ from typing import Final
 
 import blake3
 
-from p2psync.crypto.identity import RandomBytes, b32encode
+from p2psync.crypto.identity import Identity, RandomBytes, b32encode
 from p2psync.errors import BadFrame, IntegrityError, LocalProtocolError
 
 GROUP_SECRET_SIZE: Final = 32
@@ -83,6 +87,7 @@ _CONTEXT_MEMBERSHIP: Final = "p2psync 2026 membership key v1"
 _CONTEXT_MDNS_TAG: Final = "p2psync 2026 mdns tag key v1"
 _CONTEXT_DEDUPE: Final = "p2psync 2026 dedupe key v1"
 _CONTEXT_INVITE: Final = "p2psync 2026 invite key v1"
+_CONTEXT_MAILBOX: Final = "p2psync 2026 mailbox key v1"
 
 _MDNS_TAG_LABEL: Final = b"mdns-tag"
 
@@ -168,6 +173,7 @@ class GroupKeys:
     mdns_tag_key: bytes
     dedupe_key: bytes
     invite_key: bytes
+    mailbox_seed: bytes  # from the secret alone, like group_id: see mailbox_key()
 
     @classmethod
     def derive(cls, secret: bytes, epoch: int) -> GroupKeys:
@@ -185,6 +191,7 @@ class GroupKeys:
             mdns_tag_key=_derive(_CONTEXT_MDNS_TAG, material),
             dedupe_key=_derive(_CONTEXT_DEDUPE, material),
             invite_key=_derive(_CONTEXT_INVITE, material),
+            mailbox_seed=_derive(_CONTEXT_MAILBOX, secret),
         )
 
     def __repr__(self) -> str:
@@ -206,6 +213,19 @@ def verify_membership_mac(keys: GroupKeys, transcript: bytes, mac: bytes) -> Non
             "membership proof does not verify: the peer is not in this group "
             "(or holds another key epoch)"
         )
+
+
+def mailbox_key(keys: GroupKeys) -> Identity:
+    """The group's Ed25519 **mailbox key pair** (relayd's store-and-forward mailbox).
+
+    Its public key is the mailbox id relayd files the group's items under;
+    a member proves membership to relayd by signing a fresh relay challenge
+    with it (:mod:`p2psync.proto.mailbox`), so relayd checks the proof with
+    the public key alone and never holds a secret. Derived from the secret
+    without the epoch, like the group id: a routing name must survive key
+    renewal, and a new epoch of the same secret locks nobody out anyway.
+    """
+    return Identity.from_seed(keys.mailbox_seed)
 
 
 def mdns_tag(keys: GroupKeys, window: int) -> bytes:

@@ -19,6 +19,15 @@ accepted tags (current and previous window) and is not our own becomes a
 candidate for the path table and a reason to dial. Adverts are hints; the
 QUIC handshake against the sealed NodeId is the authentication.
 
+Short-code invites
+------------------
+:func:`advertise_invite` announces an open short code as a service of its
+own type (``_p2psync-invite._udp.local.``, TXT in
+:mod:`p2psync.discovery.invites`) for the invite's few minutes, on the
+interfaces of the moment; :func:`find_invite` browses for it and returns the
+first advert our code opens. Both use one zeroconf instance of their own and
+close it on exit, as :func:`run_mdns` does.
+
 Threads
 -------
 python-zeroconf runs its own asyncio loop in its own thread
@@ -82,6 +91,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -105,6 +115,13 @@ from zeroconf import (
 
 from p2psync import defaults
 from p2psync.crypto.identity import NodeId, RandomBytes
+from p2psync.discovery.invites import (
+    INVITE_SERVICE_TYPE,
+    InviteAdvert,
+    WrongSecretHalf,
+    decode_invite_txt_untrusted,
+    open_invite_advert,
+)
 from p2psync.discovery.tags import (
     SealedAdvert,
     advert_label,
@@ -359,8 +376,15 @@ def _describe(snapshot: frozenset[Interface]) -> str:
 class _BrowseInbox:
     """Browse events from zeroconf's thread, coalesced per name, bounded, into trio."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken, limit: int, stats: MdnsStats) -> None:
+    def __init__(
+        self,
+        token: trio.lowlevel.TrioToken,
+        limit: int,
+        stats: MdnsStats,
+        service_type: str = SERVICE_TYPE,
+    ) -> None:
         self._token = token
+        self._service_type = service_type
         self._limit = limit
         self._stats = stats
         self._lock = threading.Lock()
@@ -377,7 +401,7 @@ class _BrowseInbox:
     ) -> None:
         """zeroconf's ServiceBrowser handler (its thread): must not block."""
         del zeroconf
-        if service_type != SERVICE_TYPE:
+        if service_type != self._service_type:
             return
         with self._lock:
             if self._closed:
@@ -429,8 +453,10 @@ def _open_zeroconf_blocking(snapshot: frozenset[Interface]) -> Zeroconf:
         raise MdnsUnavailable(f"cannot open multicast sockets: {exc}") from exc
 
 
-def _resolve_blocking(zc: Zeroconf, name: str, timeout: float) -> _Resolved | None:
-    info = zc.get_service_info(SERVICE_TYPE, name, timeout=int(timeout * 1000))
+def _resolve_blocking(
+    zc: Zeroconf, name: str, timeout: float, service_type: str = SERVICE_TYPE
+) -> _Resolved | None:
+    info = zc.get_service_info(service_type, name, timeout=int(timeout * 1000))
     if info is None or info.text is None:
         return None
     return _Resolved(
@@ -690,3 +716,177 @@ async def run_mdns(
             logger.info("mDNS: network interfaces changed; restarting")
         finally:
             await _close_zeroconf(zc, config.close_timeout)
+
+
+# --- short-code invites on the LAN (p2psync.discovery.invites) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FoundInvite:
+    """The inviter of our short code, seen on the LAN: whom and where to dial."""
+
+    node_id: NodeId
+    addresses: tuple[tuple[str, int], ...]
+    interface: str | None
+
+
+async def advertise_invite(
+    config: MdnsConfig,
+    advert: Callable[[], InviteAdvert],
+    port: int,
+    *,
+    random_bytes: RandomBytes = os.urandom,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Announce an open short-code invite until cancelled.
+
+    ``advert()`` seals a fresh :class:`~p2psync.discovery.invites.InviteAdvert`.
+    ``task_status.started`` gets a status line starting with ``"mDNS active"``
+    or ``"mDNS unavailable"``; when unavailable the function returns (the
+    invite still works through the relay, if there is one). An invite lives
+    minutes: interface changes meanwhile are not followed (the group advert,
+    :func:`run_mdns`, does that).
+    """
+    snapshot = interface_snapshot(config.interfaces)
+    if not snapshot:
+        task_status.started(_unavailable("no up, multicast-capable network interface with IPv4"))
+        return
+    try:
+        zc = await trio.to_thread.run_sync(_open_zeroconf_blocking, snapshot)
+    except MdnsUnavailable as exc:
+        task_status.started(_unavailable(str(exc)))
+        return
+    try:
+        label = advert_label(random_bytes)
+        info = ServiceInfo(
+            INVITE_SERVICE_TYPE,
+            f"{label}.{INVITE_SERVICE_TYPE}",
+            port=port,
+            properties=advert().to_txt(),
+            server=f"{label}.local.",
+            host_ttl=config.record_ttl,
+            other_ttl=config.record_ttl,
+            parsed_addresses=sorted({i.address for i in snapshot}),
+        )
+        try:
+            await trio.to_thread.run_sync(
+                functools.partial(zc.register_service, info, allow_name_change=True)
+            )
+        except ZeroconfError as exc:
+            task_status.started(_unavailable(f"could not announce the invite: {exc!r}"))
+            return
+        logger.info("mDNS: announcing a short-code invite as %s", info.name)
+        task_status.started(f"mDNS active on {_describe(snapshot)}")
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(config.close_timeout) as scope:
+                scope.shield = True
+                await trio.to_thread.run_sync(zc.unregister_service, info, abandon_on_cancel=True)
+    finally:
+        await _close_zeroconf(zc, config.close_timeout)
+
+
+async def find_invite(
+    config: MdnsConfig,
+    lan_tag: bytes,
+    advert_tag: bytes,
+    *,
+    our_node_id: NodeId | None = None,
+    stats: MdnsStats | None = None,
+    mismatches: list[WrongSecretHalf] | None = None,
+) -> FoundInvite:
+    """Browse the LAN until the inviter of our code shows up (cancel to give up).
+
+    Raises :class:`MdnsUnavailable` when there is no usable interface or
+    multicast. Adverts whose tag matches but whose seal our second half does
+    not open (:class:`~p2psync.discovery.invites.WrongSecretHalf`) are
+    appended to ``mismatches`` (bounded), so a caller that gives up can say
+    "mistyped" instead of "not found". Our own advert (``our_node_id``) is
+    skipped.
+    """
+    stats = stats if stats is not None else MdnsStats()
+    snapshot = interface_snapshot(config.interfaces)
+    if not snapshot:
+        raise MdnsUnavailable("no up, multicast-capable network interface with IPv4")
+    zc = await trio.to_thread.run_sync(_open_zeroconf_blocking, snapshot)
+    result: list[FoundInvite] = []
+    try:
+        inbox = _BrowseInbox(
+            trio.lowlevel.current_trio_token(), config.max_pending, stats, INVITE_SERVICE_TYPE
+        )
+        browser = ServiceBrowser(zc, INVITE_SERVICE_TYPE, handlers=[inbox.on_state_change])
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def resolve_loop(names: trio.MemoryReceiveChannel[str]) -> None:
+                    async with names:
+                        async for name in names:
+                            change = inbox.take(name)
+                            if change is None or change is ServiceStateChange.Removed:
+                                continue
+                            resolved = await trio.to_thread.run_sync(
+                                _resolve_blocking,
+                                zc,
+                                name,
+                                config.resolve_timeout,
+                                INVITE_SERVICE_TYPE,
+                            )
+                            if resolved is None:
+                                continue
+                            stats.resolved += 1
+                            found = _consider_invite(
+                                resolved, lan_tag, advert_tag, snapshot, config, stats, mismatches
+                            )
+                            if found is not None and found.node_id != our_node_id:
+                                result.append(found)
+                                nursery.cancel_scope.cancel()
+                                return
+
+                for _ in range(config.resolvers):
+                    nursery.start_soon(resolve_loop, inbox.receive.clone())
+        finally:
+            inbox.close()
+            with trio.move_on_after(config.close_timeout) as scope:
+                scope.shield = True
+                await trio.to_thread.run_sync(browser.cancel, abandon_on_cancel=True)
+    finally:
+        await _close_zeroconf(zc, config.close_timeout)
+    if not result:
+        raise MdnsUnavailable("the browse ended without finding the invite")
+    return result[0]
+
+
+def _consider_invite(
+    resolved: _Resolved,
+    lan_tag: bytes,
+    advert_tag: bytes,
+    snapshot: frozenset[Interface],
+    config: MdnsConfig,
+    stats: MdnsStats,
+    mismatches: list[WrongSecretHalf] | None,
+) -> FoundInvite | None:
+    try:
+        advert = decode_invite_txt_untrusted(resolved.txt)
+        opened = open_invite_advert(advert, lan_tag, advert_tag)
+    except WrongSecretHalf as exc:
+        stats.foreign += 1
+        if mismatches is not None and len(mismatches) < config.max_pending:
+            mismatches.append(exc)
+        return None
+    except BadFrame as exc:
+        stats.invalid += 1
+        logger.debug("mDNS: ignoring an invite advert: %s", exc)
+        return None
+    if opened is None:
+        stats.foreign += 1
+        return None
+    stats.members += 1
+    addresses, interface = order_addresses(
+        resolved.addresses, opened.port, snapshot, config.max_addresses
+    )
+    if not addresses:
+        stats.invalid += 1
+        return None
+    stats.reports += 1
+    return FoundInvite(opened.node_id, addresses, interface)

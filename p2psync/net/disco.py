@@ -1,4 +1,4 @@
-"""Disco: authenticated PING/PONG on the node's one UDP socket (sans-IO).
+"""Disco: authenticated PING, PONG and CALL_ME_MAYBE on the node's one UDP socket (sans-IO).
 
 Theory
 ------
@@ -8,6 +8,13 @@ pinger the address the peer saw it from (its reflexive address). The PING
 also teaches the receiver "this source address is that NodeId", so when the
 dialer's QUIC Initial arrives from the same address the acceptor already
 knows which peer it is (and its virtual address, see :mod:`.paths`).
+
+CALL_ME_MAYBE is the hole punching trigger (see :mod:`.paths`): sent over
+the relay to a peer we reach only through the relay, it lists the
+sender's candidate addresses (interface addresses and the public address a
+STUN server or the relay saw) and its NAT kind from netcheck, and asks the
+peer to ping all of them now, while the sender pings the peer's. Both
+sides' first probes open their own NAT for the other's.
 
 Every message is a ``crypto_box`` (X25519 + XSalsa20-Poly1305, libsodium)
 from the sender's key to the receiver's key, both derived from the NodeIds.
@@ -24,6 +31,11 @@ Wire format (one UDP datagram)
     -> MAGIC(6) | sender NodeId(32) | nonce(24) | box(plaintext)      box = 16-byte MAC + body
     plaintext PING:  0x01 | tx_id(12)
     plaintext PONG:  0x02 | tx_id(12) | family(1: 4 or 6) | ip(4 or 16) | port(2, big endian)
+    plaintext CALL_ME_MAYBE:
+                     0x03 | tx_id(12) | nat(1) | count(1) | count x candidate
+        candidate  = kind(1: 1 local, 2 reflexive) | family(1) | ip(4 or 16) | port(2)
+        nat        = 0 unknown, 1 none, 2 easy, 3 hard, 4 udp-blocked  (netcheck.NatKind)
+        count     <= MAX_CANDIDATES (16); the tx id only makes each message unique
 
 MAGIC is ``8d 70 32 70 64 01`` (0x8d, "p2pd", version 1). Demultiplexing rule
 on the shared socket, first byte ``b0``:
@@ -44,14 +56,16 @@ relay's authenticated source. A PONG to a relayed PING carries the pinger's
 relay pseudo-address (its virtual address, port 0) as the observed address:
 it validates no direct path and says nothing about our public address.
 
-Limits: messages are tiny and fixed size per type; anything else is dropped
-and counted (:class:`DiscoCounters`). Shared keys (``crypto_box_beforenm``)
+Limits: PING and PONG are tiny and fixed size per type; CALL_ME_MAYBE holds
+at most :data:`MAX_CANDIDATES` candidates; anything else is dropped and
+counted (:class:`DiscoCounters`). Shared keys (``crypto_box_beforenm``)
 are cached per peer in a bounded LRU so a flood of PINGs from one peer costs
 one X25519 each time only for new peers.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,6 +78,7 @@ import nacl.exceptions
 from p2psync.crypto.identity import NODE_ID_SIZE, Identity, NodeId
 from p2psync.defaults import DISCO_MAX_SHARED_KEYS, DISCO_REPLAY_WINDOW
 from p2psync.errors import BadFrame, LocalProtocolError
+from p2psync.net.netcheck import NatKind
 
 RandomBytes = Callable[[int], bytes]
 Address = tuple[str, int]
@@ -76,9 +91,26 @@ HEADER_SIZE: Final = len(MAGIC) + NODE_ID_SIZE + NONCE_SIZE
 
 TYPE_PING: Final = 0x01
 TYPE_PONG: Final = 0x02
+TYPE_CALL_ME_MAYBE: Final = 0x03
 
-# Largest legal datagram: header + MAC + PONG with an IPv6 address.
-MAX_DISCO_SIZE: Final = HEADER_SIZE + MAC_SIZE + 1 + TX_ID_SIZE + 1 + 16 + 2
+# Candidates in one CALL_ME_MAYBE: a few interfaces, IPv4 and IPv6, and the
+# public address(es); matches the path table's addresses per peer.
+MAX_CANDIDATES: Final = 16
+_MAX_ADDRESS_SIZE: Final = 1 + 16 + 2
+# Largest legal datagram: header + MAC + a CALL_ME_MAYBE of MAX_CANDIDATES IPv6 candidates.
+MAX_DISCO_SIZE: Final = (
+    HEADER_SIZE + MAC_SIZE + 1 + TX_ID_SIZE + 2 + MAX_CANDIDATES * (1 + _MAX_ADDRESS_SIZE)
+)
+
+# NAT kinds on the wire (CALL_ME_MAYBE's nat byte).
+_NAT_CODES: Final = {
+    NatKind.UNKNOWN: 0,
+    NatKind.NONE: 1,
+    NatKind.EASY: 2,
+    NatKind.HARD: 3,
+    NatKind.UDP_BLOCKED: 4,
+}
+_NAT_BY_CODE: Final = {code: kind for kind, code in _NAT_CODES.items()}
 
 
 class BadDisco(BadFrame):
@@ -98,7 +130,28 @@ class Pong:
     observed: Address  # where the pong's sender saw our ping come from
 
 
-DiscoMessage = Ping | Pong
+class CandidateKind(enum.IntEnum):
+    """Where a CALL_ME_MAYBE candidate address comes from (its wire code)."""
+
+    LOCAL = 1  # an address of one of the sender's interfaces
+    REFLEXIVE = 2  # the sender's public address, as a STUN server or the relay saw it
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    address: Address
+    kind: CandidateKind
+
+
+@dataclass(frozen=True, slots=True)
+class CallMeMaybe:
+    sender: NodeId
+    tx_id: bytes
+    nat: NatKind
+    candidates: tuple[Candidate, ...]
+
+
+DiscoMessage = Ping | Pong | CallMeMaybe
 
 
 @dataclass(slots=True)
@@ -138,12 +191,43 @@ def decode_address_untrusted(data: bytes) -> Address:
     return (str(ip), int.from_bytes(data[1 + size :], "big"))
 
 
+def _decode_candidates_untrusted(data: bytes) -> tuple[NatKind, tuple[Candidate, ...]]:
+    """``nat | count | count x (kind | address)`` of a CALL_ME_MAYBE; all of ``data`` is used."""
+    if len(data) < 2:
+        raise BadDisco("CALL_ME_MAYBE without NAT kind and count")
+    nat = _NAT_BY_CODE.get(data[0], NatKind.UNKNOWN)  # a newer kind we do not know yet
+    count = data[1]
+    if count > MAX_CANDIDATES:
+        raise BadDisco(f"CALL_ME_MAYBE with {count} candidates (at most {MAX_CANDIDATES})")
+    candidates: list[Candidate] = []
+    offset = 2
+    for _ in range(count):
+        if offset + 2 > len(data):
+            raise BadDisco("CALL_ME_MAYBE candidate list is truncated")
+        try:
+            kind = CandidateKind(data[offset])
+        except ValueError:
+            raise BadDisco(f"unknown candidate kind {data[offset]}") from None
+        size = {4: 4, 6: 16}.get(data[offset + 1])
+        if size is None:
+            raise BadDisco(f"unknown address family {data[offset + 1]}")
+        end = offset + 1 + 1 + size + 2
+        if end > len(data):
+            raise BadDisco("CALL_ME_MAYBE candidate list is truncated")
+        candidates.append(Candidate(decode_address_untrusted(data[offset + 1 : end]), kind))
+        offset = end
+    if offset != len(data):
+        raise BadDisco(f"{len(data) - offset} stray bytes after the CALL_ME_MAYBE candidates")
+    return nat, tuple(candidates)
+
+
 class Disco:
     """Seals and opens disco messages for one identity.
 
     Inputs: :meth:`open_untrusted` (a received datagram). Outputs: the bytes
-    of :meth:`seal_ping` / :meth:`seal_pong`. No I/O, no clock; randomness
-    (nonces, tx ids) comes from the injected ``random_bytes``.
+    of :meth:`seal_ping` / :meth:`seal_pong` / :meth:`seal_call_me_maybe`. No
+    I/O, no clock; randomness (nonces, tx ids) comes from the injected
+    ``random_bytes``.
     """
 
     def __init__(
@@ -179,6 +263,22 @@ class Disco:
         """-> PONG(tx_id, observed source address of the PING) boxed to ``to``."""
         self._check_tx_id(tx_id)
         return self._seal(to, bytes([TYPE_PONG]) + tx_id + encode_address(observed))
+
+    def seal_call_me_maybe(
+        self, to: NodeId, nat: NatKind, candidates: tuple[Candidate, ...] | list[Candidate]
+    ) -> bytes:
+        """-> CALL_ME_MAYBE(our NAT kind, our candidates) boxed to ``to``.
+
+        Raises :class:`LocalProtocolError` for more than :data:`MAX_CANDIDATES`.
+        """
+        if len(candidates) > MAX_CANDIDATES:
+            raise LocalProtocolError(
+                f"a CALL_ME_MAYBE carries at most {MAX_CANDIDATES} candidates, "
+                f"got {len(candidates)}"
+            )
+        body = b"".join(bytes([c.kind]) + encode_address(c.address) for c in candidates)
+        header = bytes([TYPE_CALL_ME_MAYBE]) + self.new_tx_id()
+        return self._seal(to, header + bytes([_NAT_CODES[nat], len(candidates)]) + body)
 
     def open_untrusted(self, datagram: bytes) -> DiscoMessage:
         """Open a datagram; raise :class:`BadDisco` (and count why) if it is not valid."""
@@ -224,10 +324,18 @@ class Disco:
         if kind == TYPE_PING and not rest:
             self.counters.opened += 1
             return Ping(sender, tx_id)
-        if kind == TYPE_PONG:
-            observed = decode_address_untrusted(rest)
-            self.counters.opened += 1
-            return Pong(sender, tx_id, observed)
+        try:
+            if kind == TYPE_PONG:
+                observed = decode_address_untrusted(rest)
+                self.counters.opened += 1
+                return Pong(sender, tx_id, observed)
+            if kind == TYPE_CALL_ME_MAYBE:
+                nat, candidates = _decode_candidates_untrusted(rest)
+                self.counters.opened += 1
+                return CallMeMaybe(sender, tx_id, nat, candidates)
+        except BadDisco:
+            self.counters.malformed += 1
+            raise
         self.counters.unknown_type += 1
         raise BadDisco(f"unknown disco message type {kind} from {sender.short()}")
 

@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,16 @@ from p2psync.proto.entry import (
     FeedTip,
     HybridClock,
     Kind,
+    check_entry_context,
     decode_entry_untrusted,
     sign_entry,
-    verify_entry,
+    signatures_valid,
 )
 from p2psync.store.files import CorruptObject, ObjectFiles
 from p2psync.store.objects import (
     OVERHEAD,
     ChunkRef,
+    Keyring,
     Manifest,
     Meta,
     ObjectKind,
@@ -118,6 +121,15 @@ CREATE TABLE IF NOT EXISTS blob_chunks (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS blob_chunks_by_chunk ON blob_chunks (chunk_id);
 CREATE INDEX IF NOT EXISTS entries_by_hlc ON entries (hlc);
+-- Added after schema 1 shipped: IF NOT EXISTS makes it an additive migration.
+CREATE TABLE IF NOT EXISTS mailbox_state (
+    relay       BLOB NOT NULL,     -- the relay's NodeId
+    mailbox     BLOB NOT NULL,     -- the group's mailbox id there
+    log_id      BLOB NOT NULL,     -- the relay's log the cursors belong to
+    pull_cursor INTEGER NOT NULL,  -- relay cursor of the last item pulled and stored
+    push_cursor INTEGER NOT NULL,  -- local cursor of our last entry the relay acknowledged
+    PRIMARY KEY (relay, mailbox)
+) STRICT;
 """
 
 
@@ -142,6 +154,7 @@ class StoredEntry:
 @dataclass(frozen=True, slots=True)
 class InsertResult:
     accepted: list[Entry]
+    accepted_raws: list[bytes]  # the received bytes of ``accepted``, same order
     duplicates: int
     rejected: list[tuple[bytes, str]]  # (raw prefix for logs, reason)
 
@@ -192,8 +205,12 @@ class Store:
                     f"store schema {row[0]} is not supported by this version ({SCHEMA_VERSION})"
                 )
         self._clock = HybridClock(self._max_hlc())
+        self._verify_pool: ThreadPoolExecutor | None = None  # made on first big batch
 
     def close(self) -> None:
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(wait=False, cancel_futures=True)
+            self._verify_pool = None
         self._db.close()
 
     def __enter__(self) -> Store:
@@ -498,9 +515,12 @@ class Store:
     # --- entries --------------------------------------------------------------
 
     def _feed_tip(self, author: NodeId) -> FeedTip | None:
+        return self._feed_tip_raw(author.raw)
+
+    def _feed_tip_raw(self, author: bytes) -> FeedTip | None:
         row = self._db.execute(
             "SELECT seq, entry_id FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1",
-            (author.raw,),
+            (author,),
         ).fetchone()
         return None if row is None else FeedTip(int(row[0]), bytes(row[1]))
 
@@ -539,67 +559,180 @@ class Store:
         Entries are checked in order, so a batch may carry consecutive entries
         of one author. Duplicates are counted, not errors; a rejected entry
         does not stop the batch (its reason is returned and logged).
+
+        Each entry meets the checks of :func:`~p2psync.proto.entry.verify_entry`
+        plus ``fork`` (another entry holds its seq), ``bad-meta`` and
+        ``malformed``, in the order and with the result of checking them one
+        entry at a time against the store as the batch changes it. The work is
+        batched for speed: the feed tips and held seqs of the batch's authors
+        are read in one query each; a first pass predicts which entries will
+        reach the signature check, and their Ed25519 checks and meta
+        decryption run in worker threads (:data:`~p2psync.defaults.STORE_VERIFY_THREADS`,
+        chunks of ``STORE_VERIFY_CHUNK``; libsodium releases the GIL) while
+        this thread walks the batch in order, taking over any chunk no worker
+        has started; an entry the prediction missed (an earlier one failed
+        its signature) is checked inline. Accepted rows go in with
+        ``executemany``; heads are updated once per key per batch.
         """
+        incoming = [_decode_incoming(raw) for raw in raws]
         accepted: list[Entry] = []
+        accepted_raws: list[bytes] = []
+        rows: list[_Row] = []
         rejected: list[tuple[bytes, str]] = []
         duplicates = 0
         group_id = self.keys.group_id
-        with self._write() as db:
-            for raw in raws:
+        with self._write():
+            feeds = self._batch_feeds(incoming)
+            checks = self._start_signature_checks(incoming, feeds, group_id, now_ms)
+            for index, item in enumerate(incoming):
+                entry = item.entry
                 try:
-                    entry = decode_entry_untrusted(raw)
-                    known = db.execute(
-                        "SELECT entry_id FROM entries WHERE author = ? AND seq = ?",
-                        (entry.author.raw, entry.seq),
-                    ).fetchone()
-                    if known is not None:
-                        if bytes(known[0]) == blake3.blake3(raw).digest():
-                            duplicates += 1
-                            continue
-                        raise EntryRejected(
-                            "fork", f"{entry.author.short()}#{entry.seq} differs from ours"
-                        )
-                    verify_entry(
-                        entry,
-                        group_id=group_id,
-                        previous=self._feed_tip(entry.author),
-                        now_ms=now_ms,
-                    )
-                    try:
-                        meta = open_meta(self.keyring, entry.meta)
-                    except (BadFrame, IntegrityError) as exc:
-                        raise EntryRejected("bad-meta", str(exc)) from exc
-                    self._insert_verified(entry, meta, raw)
+                    if entry is None:
+                        raise BadFrame(item.error)
+                    feed = feeds[entry.author.raw]
+                    if _check_before_signature(entry, item.entry_id, feed, group_id, now_ms):
+                        duplicates += 1
+                        continue
+                    meta = checks.verdict(index, entry, item.raw)  # raises EntryRejected
+                    feed.extend(entry.seq, item.entry_id)
+                    rows.append(self._entry_row(entry, meta, item.raw, item.entry_id))
                     self._clock.observe(entry.hlc)
                     accepted.append(entry)
+                    accepted_raws.append(item.raw)
                 except EntryRejected as exc:
-                    rejected.append((raw[:16], exc.reason))
+                    rejected.append((item.raw[:16], exc.reason))
                     log.warning("rejected entry: %s", exc)
                 except BadFrame as exc:
-                    rejected.append((raw[:16], "malformed"))
+                    rejected.append((item.raw[:16], "malformed"))
                     log.warning("rejected malformed entry: %s", exc)
-        return InsertResult(accepted, duplicates, rejected)
+            self._insert_rows(rows)
+        return InsertResult(accepted, accepted_raws, duplicates, rejected)
+
+    def _batch_feeds(self, incoming: Sequence[_Incoming]) -> dict[bytes, _Feed]:
+        """Per author of the batch: its feed tip, and which of the batch's seqs we hold."""
+        seqs: dict[bytes, set[int]] = {}
+        for item in incoming:
+            if item.entry is not None:
+                seqs.setdefault(item.entry.author.raw, set()).add(item.entry.seq)
+        feeds: dict[bytes, _Feed] = {}
+        for author, wanted in seqs.items():
+            tip = self._feed_tip_raw(author)
+            feed = feeds[author] = _Feed(tip, {})
+            # Feeds are contiguous (seq n is stored only after n - 1), so we
+            # hold exactly the seqs up to the tip.
+            held = sorted(seq for seq in wanted if tip is not None and seq <= tip.seq)
+            for start in range(0, len(held), _SQL_IN_CHUNK):
+                part = held[start : start + _SQL_IN_CHUNK]
+                marks = ",".join("?" * len(part))
+                for seq, entry_id in self._db.execute(
+                    f"SELECT seq, entry_id FROM entries WHERE author = ? AND seq IN ({marks})",
+                    (author, *part),
+                ):
+                    feed.known[int(seq)] = bytes(entry_id)
+        return feeds
+
+    def _start_signature_checks(
+        self, incoming: Sequence[_Incoming], feeds: dict[bytes, _Feed], group_id: bytes, now_ms: int
+    ) -> _Verifier:
+        """Predict which entries reach the signature check; start checking them."""
+        trial = {author: feed.copy() for author, feed in feeds.items()}
+        candidates: list[int] = []
+        for index, item in enumerate(incoming):
+            entry = item.entry
+            if entry is None:
+                continue
+            feed = trial[entry.author.raw]
+            try:
+                if _check_before_signature(entry, item.entry_id, feed, group_id, now_ms):
+                    continue
+            except EntryRejected:
+                continue
+            candidates.append(index)
+            feed.extend(entry.seq, item.entry_id)  # as if it will verify
+        chunk = defaults.STORE_VERIFY_CHUNK
+        pool = None
+        if len(candidates) >= 2 * chunk and defaults.STORE_VERIFY_THREADS > 0:
+            if self._verify_pool is None:
+                self._verify_pool = ThreadPoolExecutor(
+                    defaults.STORE_VERIFY_THREADS, thread_name_prefix="p2psync-verify"
+                )
+            pool = self._verify_pool
+        return _Verifier(self.keyring, incoming, candidates, chunk, pool)
+
+    def _entry_row(self, entry: Entry, meta: Meta, raw: bytes, entry_id: bytes) -> _Row:
+        khash = key_hash(self.keys, meta.key) if entry.kind in (Kind.PUT, Kind.DELETE) else None
+        return (
+            entry_id,
+            entry.author.raw,
+            entry.seq,
+            entry.hlc,
+            int(entry.kind),
+            entry.blob or None,
+            entry.size,
+            khash,
+            raw,
+        )
+
+    _INSERT_ENTRY = (
+        "INSERT INTO entries (entry_id, author, seq, hlc, kind, blob, size, key_hash, raw) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+
+    def _insert_rows(self, rows: Sequence[_Row]) -> None:
+        """Store verified entries (in feed order per author) and update heads."""
+        if not rows:
+            return
+        db = self._db
+        db.executemany(self._INSERT_ENTRY, rows)
+        db.executemany(
+            "INSERT OR IGNORE INTO blobs (blob_id, size, chunk_count, complete) "
+            "VALUES (?, ?, NULL, 0)",
+            [(row[5], row[6]) for row in rows if row[4] == Kind.PUT],
+        )
+        keyed = [row for row in rows if row[7] is not None]
+        if not keyed:
+            return
+        # Cursors of the new rows: each author's accepted seqs form one run.
+        span: dict[bytes, tuple[int, int]] = {}
+        for row in keyed:
+            low, high = span.get(row[1], (row[2], row[2]))
+            span[row[1]] = (min(low, row[2]), max(high, row[2]))
+        cursor_of: dict[tuple[bytes, int], int] = {}
+        for author, (low, high) in span.items():
+            for seq, cursor in db.execute(
+                "SELECT seq, cursor FROM entries WHERE author = ? AND seq BETWEEN ? AND ?",
+                (author, low, high),
+            ):
+                cursor_of[(author, int(seq))] = int(cursor)
+        # The head of a key is its entry with the highest (hlc, author); on a
+        # tie the one stored first stays (as when inserting one by one).
+        best: dict[bytes, tuple[int, bytes]] = {}
+        khashes = sorted({bytes(row[7]) for row in keyed if row[7] is not None})
+        for start in range(0, len(khashes), _SQL_IN_CHUNK):
+            part = khashes[start : start + _SQL_IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            for khash, hlc, author in db.execute(
+                "SELECT h.key_hash, e.hlc, e.author FROM heads h "
+                f"JOIN entries e ON e.cursor = h.cursor WHERE h.key_hash IN ({marks})",
+                part,
+            ):
+                best[bytes(khash)] = (int(hlc), bytes(author))
+        winners: dict[bytes, int] = {}
+        for row in keyed:
+            khash = row[7]
+            assert khash is not None  # filtered above
+            current = best.get(khash)
+            if current is None or (row[3], row[1]) > current:
+                best[khash] = (row[3], row[1])
+                winners[khash] = cursor_of[(row[1], row[2])]
+        db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?)", list(winners.items()))
 
     def _insert_verified(self, entry: Entry, meta: Meta, raw: bytes | None = None) -> int:
         """Store a verified entry; ``raw`` is its canonical encoding if already at hand."""
         raw = entry.encode() if raw is None else raw
-        keys = self.keys
-        khash = key_hash(keys, meta.key) if entry.kind in (Kind.PUT, Kind.DELETE) else None
-        cursor = self._db.execute(
-            "INSERT INTO entries (entry_id, author, seq, hlc, kind, blob, size, key_hash, raw) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                blake3.blake3(raw).digest(),
-                entry.author.raw,
-                entry.seq,
-                entry.hlc,
-                int(entry.kind),
-                entry.blob or None,
-                entry.size,
-                khash,
-                raw,
-            ),
-        ).lastrowid
+        row = self._entry_row(entry, meta, raw, blake3.blake3(raw).digest())
+        khash = row[7]
+        cursor = self._db.execute(self._INSERT_ENTRY, row).lastrowid
         assert cursor is not None  # sqlite always sets it after INSERT
         if entry.kind is Kind.PUT:
             self._db.execute(
@@ -691,6 +824,55 @@ class Store:
             "pending_blobs": len(self.wanted_blobs()),
         }
 
+    # --- relay mailbox cursors (p2psync.mailbox_sync) ---------------------------
+
+    def mailbox_state(self, relay: bytes, mailbox: bytes) -> tuple[bytes, int, int] | None:
+        """``(log_id, pull_cursor, push_cursor)`` kept for a relay's mailbox, if any."""
+        row = self._db.execute(
+            "SELECT log_id, pull_cursor, push_cursor FROM mailbox_state "
+            "WHERE relay = ? AND mailbox = ?",
+            (relay, mailbox),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]), int(row[2]))
+
+    def save_mailbox_state(
+        self,
+        relay: bytes,
+        mailbox: bytes,
+        log_id: bytes,
+        *,
+        pull: int | None = None,
+        push: int | None = None,
+    ) -> None:
+        """Record a cursor; under a new ``log_id`` the cursor not given restarts at 0."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO mailbox_state VALUES (?, ?, ?, COALESCE(?, 0), COALESCE(?, 0)) "
+                "ON CONFLICT (relay, mailbox) DO UPDATE SET "
+                "pull_cursor = CASE WHEN log_id = excluded.log_id "
+                "THEN COALESCE(?, pull_cursor) ELSE excluded.pull_cursor END, "
+                "push_cursor = CASE WHEN log_id = excluded.log_id "
+                "THEN COALESCE(?, push_cursor) ELSE excluded.push_cursor END, "
+                "log_id = excluded.log_id",
+                (relay, mailbox, log_id, pull, push, pull, push),
+            )
+
+    def own_entries_after(self, cursor: int, limit: int) -> list[tuple[int, bytes]]:
+        """``(local cursor, raw)`` of this device's own entries after ``cursor``, in order."""
+        rows = self._db.execute(
+            "SELECT cursor, raw FROM entries WHERE author = ? AND cursor > ? "
+            "ORDER BY cursor LIMIT ?",
+            (self.identity.node_id.raw, cursor, limit),
+        ).fetchall()
+        return [(int(c), bytes(raw)) for c, raw in rows]
+
+    def count_own_entries_after(self, cursor: int) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM entries WHERE author = ? AND cursor > ?",
+            (self.identity.node_id.raw, cursor),
+        ).fetchone()
+        return int(row[0])
+
     # --- garbage collection -----------------------------------------------------
 
     def gc(self) -> GcResult:
@@ -737,6 +919,144 @@ class Store:
                 removed += 1
         self.files.clean_temp()
         return GcResult(removed, freed)
+
+
+# An ``entries`` row: entry_id, author, seq, hlc, kind, blob, size, key_hash, raw.
+_Row = tuple[bytes, bytes, int, int, int, bytes | None, int, bytes | None, bytes]
+# Values per ``IN (...)`` list: far below SQLite's 32766 host parameters.
+_SQL_IN_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    """One received raw entry, decoded (``entry``) or not (``error`` says why)."""
+
+    raw: bytes
+    entry: Entry | None
+    entry_id: bytes
+    error: str
+
+
+def _decode_incoming(raw: bytes) -> _Incoming:
+    raw = bytes(raw)
+    try:
+        entry = decode_entry_untrusted(raw)
+    except BadFrame as exc:
+        return _Incoming(raw, None, b"", str(exc))
+    return _Incoming(raw, entry, blake3.blake3(raw).digest(), "")
+
+
+@dataclass(slots=True)
+class _Feed:
+    """One author's feed while a batch is checked: its tip and the seqs we hold."""
+
+    tip: FeedTip | None
+    known: dict[int, bytes]  # seq -> entry id, for the batch's seqs only
+
+    def copy(self) -> _Feed:
+        return _Feed(self.tip, dict(self.known))
+
+    def extend(self, seq: int, entry_id: bytes) -> None:
+        self.tip = FeedTip(seq, entry_id)
+        self.known[seq] = entry_id
+
+
+def _check_before_signature(
+    entry: Entry, entry_id: bytes, feed: _Feed, group_id: bytes, now_ms: int
+) -> bool:
+    """The checks before the signature: True for a duplicate; raise on fork, gap, ..."""
+    held = feed.known.get(entry.seq)
+    if held is not None:
+        if held == entry_id:
+            return True
+        raise EntryRejected("fork", f"{entry.author.short()}#{entry.seq} differs from ours")
+    check_entry_context(entry, group_id=group_id, previous=feed.tip, now_ms=now_ms)
+    return False
+
+
+def _verify_chunk(keyring: Keyring, batch: Sequence[tuple[Entry, bytes]]) -> list[Meta | str]:
+    """Per entry: its opened meta, or the reason it fails (``bad-signature``, ``bad-meta``).
+
+    Pure (reads only ``keyring``), so it runs in worker threads: libsodium
+    releases the GIL while it verifies and decrypts.
+    """
+    valid = signatures_valid(batch)
+    verdicts: list[Meta | str] = []
+    for (entry, _), ok in zip(batch, valid, strict=True):
+        if not ok:
+            verdicts.append("bad-signature")
+            continue
+        try:
+            verdicts.append(open_meta(keyring, entry.meta))
+        except (BadFrame, IntegrityError) as exc:
+            verdicts.append(f"bad-meta: {exc}")
+    return verdicts
+
+
+class _VerifyJob:
+    """The checks of a few entries: in a worker thread, or here if none took it yet."""
+
+    __slots__ = ("_batch", "_future", "_keyring", "_result")
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        batch: list[tuple[Entry, bytes]],
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self._keyring = keyring
+        self._batch = batch
+        self._future: Future[list[Meta | str]] | None = (
+            pool.submit(_verify_chunk, keyring, batch) if pool is not None else None
+        )
+        self._result: list[Meta | str] | None = None
+
+    def results(self) -> list[Meta | str]:
+        if self._result is None:
+            if self._future is None or self._future.cancel():  # not started: do it ourselves
+                self._result = _verify_chunk(self._keyring, self._batch)
+            else:
+                self._result = self._future.result()
+        return self._result
+
+
+class _Verifier:
+    """Signature and meta verdicts of one batch, computed ahead in chunks (see insert_entries)."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        incoming: Sequence[_Incoming],
+        candidates: Sequence[int],
+        chunk: int,
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self._keyring = keyring
+        self._where: dict[int, tuple[_VerifyJob, int]] = {}
+        for start in range(0, len(candidates), chunk):
+            part = candidates[start : start + chunk]
+            batch: list[tuple[Entry, bytes]] = []
+            for index in part:
+                entry = incoming[index].entry
+                assert entry is not None  # candidates decoded
+                batch.append((entry, incoming[index].raw))
+            job = _VerifyJob(keyring, batch, pool)
+            for position, index in enumerate(part):
+                self._where[index] = (job, position)
+
+    def verdict(self, index: int, entry: Entry, raw: bytes) -> Meta:
+        """The opened meta of a signed, readable entry; else raise :class:`EntryRejected`."""
+        found = self._where.get(index)
+        if found is None:  # not predicted to get this far: check it now
+            result = _verify_chunk(self._keyring, [(entry, raw)])[0]
+        else:
+            job, position = found
+            result = job.results()[position]
+        if isinstance(result, Meta):
+            return result
+        if result == "bad-signature":
+            raise EntryRejected(result, f"signature does not verify for {entry.author.short()}")
+        raise EntryRejected("bad-meta", result.removeprefix("bad-meta: "))
 
 
 class Readable(Protocol):

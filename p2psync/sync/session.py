@@ -449,7 +449,12 @@ class SyncSession:
             )
 
     def receive_control(self, data: bytes, now: float) -> None:
-        """Feed bytes read from the control stream (any split)."""
+        """Feed bytes read from the control stream (any split).
+
+        Consecutive ENTRIES/ANNOUNCE messages in ``data`` are stored as one
+        batch (one store transaction, one EntriesReceived): entries are
+        checked in order either way, so this only saves per-batch work.
+        """
         self._require_started("receive_control")
         if self._state is SessionState.CLOSED or not data:
             return
@@ -458,19 +463,39 @@ class SyncSession:
         except BadFrame as exc:
             self._fail(ErrorCode.TOO_LARGE, str(exc))
             return
+        entries: list[bytes] = []  # raws of consecutive ENTRIES/ANNOUNCE, in order
         while not self.closed:  # a message may close the session; drop the rest
             body = self._decoder.next_frame()
             if body is None:
-                return
+                break
             try:
                 message = decode_message_untrusted(body)
             except BadFrame as exc:
-                self._fail(ErrorCode.PROTOCOL_ERROR, f"malformed message: {exc}")
+                self._store_entries(entries, now)
+                if not self.closed:
+                    self._fail(ErrorCode.PROTOCOL_ERROR, f"malformed message: {exc}")
+                return
+            if isinstance(message, Entries | Announce) and self.established:
+                entries.extend(message.raws)
+                continue
+            self._store_entries(entries, now)
+            if self.closed:
                 return
             try:
                 self._dispatch(message, now)
             except _Violation as violation:
                 self._fail(violation.code, violation.detail)
+        self._store_entries(entries, now)
+
+    def _store_entries(self, raws: list[bytes], now: float) -> None:
+        """Insert the entries collected by receive_control (then forget them)."""
+        if not raws or self.closed:
+            return
+        try:
+            self._on_entries(raws, now)
+        except _Violation as violation:
+            self._fail(violation.code, violation.detail)
+        raws.clear()
 
     def handle_timer(self, now: float) -> None:
         self._require_started("handle_timer")
@@ -572,7 +597,7 @@ class SyncSession:
             case Frontier():
                 self._on_frontier(message)
             case Entries() | Announce():
-                self._on_entries(message, now)
+                self._on_entries(message.raws, now)
             case Bye():
                 self._close(message.code, message.reason, by_peer=True, send_bye=False)
 
@@ -709,11 +734,11 @@ class SyncSession:
         if batch:
             yield tuple(batch)
 
-    def _on_entries(self, message: Entries | Announce, now: float) -> None:
+    def _on_entries(self, raws: Sequence[bytes], now: float) -> None:
         assert self._their_node is not None  # only in ESTABLISHED
-        if not message.raws:
+        if not raws:
             return
-        result = self._store.insert_entries(message.raws, now_ms=self._wall_clock_ms())
+        result = self._store.insert_entries(raws, now_ms=self._wall_clock_ms())
         reasons = [reason for _, reason in result.rejected]
         self.stats.entries_accepted += len(result.accepted)
         self.stats.entries_duplicate += result.duplicates
@@ -722,7 +747,7 @@ class SyncSession:
             self._events.append(
                 EntriesReceived(
                     self._their_node,
-                    tuple(entry.encode() for entry in result.accepted),
+                    tuple(result.accepted_raws),
                     result.duplicates,
                     len(reasons),
                 )

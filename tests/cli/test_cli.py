@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -135,9 +136,15 @@ def test_env_home(
 def test_demo_exits_zero_and_finds_no_plaintext(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
-    assert "found in 0 files" in out
-    assert "byte-identical: True" in out
-    assert "path to laptop: direct" in out
+    assert out.count("found in 0 files") == 3
+    assert "found in 1" not in out
+    assert out.count("byte-identical: True") == 2
+    assert "phone $ p2psync join" in out and "tablet$ p2psync join" in out
+    # Joined through the relay: the pair starts relayed and moves direct
+    # once the hole punch (trivial on loopback) has validated a path.
+    assert re.search(r"laptop->phone  (direct 127\.0\.0\.1:\d+|relay)\n", out), out
+    assert re.search(r"phone->tablet  (direct 127\.0\.0\.1:\d+|relay)\n", out), out
+    assert "gone on the tablet" in out
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -146,3 +153,179 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_line = next(b for b in blocks if "pytest" in b and "\n" not in b)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_line in ci.splitlines()
+
+
+# --- docs that run, progress, the daemon as a service ------------------------------
+
+
+def python_example(doc: Path) -> str:
+    """The first ```python block of a document: the example it promises runs."""
+    match = re.search(r"```python\n(.*?)\n```", doc.read_text(), re.S)
+    assert match is not None, f"{doc} has no python example"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ("README.md", "put notes/today b'buy milk' {'pinned': True}"),
+        ("docs/library-api.md", "after restart: #6 'notes/tomorrow' = b'call mum'"),
+    ],
+)
+def test_documented_library_examples_run(tmp_path: Path, doc: str, expected: str) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "example.py"
+    script.write_text(python_example(ROOT / doc))
+    env = {k: v for k, v in os.environ.items() if k != "P2PSYNC_HOME"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout.splitlines()
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_and_only_for_large_files() -> None:
+    from p2psync import defaults, terminal
+
+    big = defaults.PROGRESS_MIN_BYTES
+    assert terminal.wants_progress(big, stream=FakeTerminal())
+    assert terminal.wants_progress(None, stream=FakeTerminal())  # stdin: size unknown
+    assert not terminal.wants_progress(big - 1, stream=FakeTerminal())
+    assert not terminal.wants_progress(big, stream=io.StringIO())  # a pipe or a log
+    assert not terminal.wants_progress(big, disabled=True, stream=FakeTerminal())
+
+    screen = FakeTerminal()
+    with terminal.transfer_bar("put video.bin", 3 * 2**20, enabled=True, stream=screen) as bar:
+        bar(2**20)
+        bar(2 * 2**20)
+    drawn = screen.getvalue()
+    assert "put video.bin" in drawn and "3.0/3.0 MiB" in drawn
+
+    quiet = io.StringIO()
+    with terminal.transfer_bar("x", 10, enabled=False, stream=quiet) as bar:
+        bar(5)
+    assert quiet.getvalue() == ""
+
+
+def test_large_put_and_get_draw_nothing_when_stderr_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str], home: str, tmp_path: Path
+) -> None:
+    from p2psync import defaults
+
+    run(capsys, "init", "--home", home)
+    run(capsys, "group", "create", "--home", home)
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(defaults.PROGRESS_MIN_BYTES + 1))
+    code, out, err = run(capsys, "put", str(source), "--home", home)
+    assert code == 0 and out.startswith("put big.bin") and err == ""
+    copy = tmp_path / "copy.bin"
+    code, _, err = run(capsys, "get", "big.bin", "-o", str(copy), "--home", home)
+    assert code == 0 and err.startswith("wrote ") and "MiB/s" not in err
+    assert copy.read_bytes() == source.read_bytes()
+
+
+def test_status_view_renders_peers_and_transfers() -> None:
+    from rich.console import Console
+
+    from p2psync import terminal
+
+    peer = {"node_id": "b" * 52, "path": "relay", "address": "203.0.113.9:47300",
+            "rtt_ms": 31.5, "bytes_in": 2048, "bytes_out": 10, "rx_rate": 1024.0,
+            "tx_rate": 0.0, "last_error": None}  # fmt: skip
+    transfer = {"blob": "c" * 64, "key": "media/video.bin", "bytes_done": 3 * 2**20,
+                "bytes_total": 12 * 2**20, "rate": 2**20, "complete": False}  # fmt: skip
+    state = {
+        "node_id": "a" * 52,
+        "name": "laptop",
+        "group_id": "g" * 20,
+        "listening": ["0.0.0.0:47300"],
+        "relay": None,
+        "peers": [peer],
+        "transfers": [transfer],
+    }
+    console = Console(file=io.StringIO(), width=140)
+    console.print(terminal.status_view(state))
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "relay" in shown and "31.5 ms" in shown and "media/video.bin" in shown
+    assert "3.0 MiB / 12.0 MiB" in shown and "1.0 MiB/s" in shown
+
+
+def test_systemd_user_unit_runs_a_command_the_cli_accepts() -> None:
+    import shlex
+
+    from p2psync.cli import build_parser, cmd_daemon
+
+    unit = (ROOT / "docs" / "systemd" / "p2psync.service").read_text()
+    assert "[Install]\nWantedBy=default.target" in unit  # a user unit, not multi-user
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start.removeprefix("ExecStart=").replace("%h", "/home/u"))
+    assert argv[0] == "/home/u/.local/bin/p2psync"
+    args = build_parser().parse_args(argv[1:])
+    assert args.handler is cmd_daemon
+
+
+def test_daemon_honours_the_home_from_env_and_its_config(tmp_path: Path) -> None:
+    """`p2psync daemon` as the user unit runs it: home from P2PSYNC_HOME, listen from config."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    home = tmp_path / "home"
+    env = {**os.environ, "P2PSYNC_HOME": str(home)}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "p2psync.cli", *argv], env=env,
+                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+
+    cli("init", "--name", "server")
+    cli("group", "create")
+    with (home / "config.toml").open("a") as config:
+        config.write(f'listen = "127.0.0.1:{port}"\n')
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "p2psync.cli", "daemon", "--no-mdns"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (home / "control.sock").exists():
+            assert daemon.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        status = json.loads(cli("status", "--json").stdout)
+        assert status["running"] and status["name"] == "server"
+        assert status["listening"] == [f"127.0.0.1:{port}"]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "p2psync.cli", "status", "--watch", "--json",
+             "--interval", "0.2"],
+            env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert watch.stdout is not None
+        snapshots = [json.loads(watch.stdout.readline()) for _ in range(2)]
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=15) == 0
+        assert all(s["node_id"] == status["node_id"] for s in snapshots)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=30)
+    assert code == 0

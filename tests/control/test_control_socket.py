@@ -18,11 +18,11 @@ from p2psync.control.server import ControlServer, EmitEvent
 from p2psync.errors import ConfigError, NotFound
 
 
-async def echo(params: JsonObject) -> Any:
+async def echo(params: JsonObject, emit: EmitEvent) -> Any:
     return {"echo": params}
 
 
-async def missing(params: JsonObject) -> Any:
+async def missing(params: JsonObject, emit: EmitEvent) -> Any:
     raise NotFound("no key named 'x'")
 
 

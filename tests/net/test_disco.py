@@ -10,10 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2psync.crypto.identity import Identity
+from p2psync.errors import LocalProtocolError
 from p2psync.net.disco import (
     HEADER_SIZE,
     MAGIC,
+    MAX_CANDIDATES,
+    MAX_DISCO_SIZE,
     BadDisco,
+    CallMeMaybe,
+    Candidate,
+    CandidateKind,
     Disco,
     Ping,
     Pong,
@@ -21,6 +27,7 @@ from p2psync.net.disco import (
     encode_address,
     is_disco,
 )
+from p2psync.net.netcheck import NatKind
 
 
 def seeded_random(seed: int) -> random.Random:
@@ -168,3 +175,83 @@ def test_any_bytes_raise_only_bad_disco(data: bytes) -> None:
 
 def test_header_size_is_what_the_docstring_says() -> None:
     assert HEADER_SIZE == 6 + 32 + 24
+
+
+# -- CALL_ME_MAYBE -------------------------------------------------------------------------
+
+
+def boxed(sender: Identity, to: Identity, plaintext: bytes, nonce: bytes = b"c" * 24) -> bytes:
+    box = sodium.crypto_box(plaintext, nonce, to.node_id.x25519_public(), sender.x25519_private())
+    return MAGIC + sender.node_id.raw + nonce + box
+
+
+@pytest.mark.parametrize("nat", list(NatKind))
+def test_call_me_maybe_round_trip_carries_candidates_and_nat_kind(nat: NatKind) -> None:
+    alice, alice_disco = make(1)
+    bob, bob_disco = make(2)
+    candidates = (
+        Candidate(("10.0.0.2", 47300), CandidateKind.LOCAL),
+        Candidate(("fd00::2", 47300), CandidateKind.LOCAL),
+        Candidate(("203.0.113.7", 51234), CandidateKind.REFLEXIVE),
+    )
+    wire = alice_disco.seal_call_me_maybe(bob.node_id, nat, candidates)
+    message = bob_disco.open_untrusted(wire)
+    assert isinstance(message, CallMeMaybe)
+    assert (message.sender, message.nat, message.candidates) == (alice.node_id, nat, candidates)
+    assert len(message.tx_id) == 12
+
+
+def test_call_me_maybe_with_no_or_the_most_candidates() -> None:
+    _, alice_disco = make(1)
+    bob, bob_disco = make(2)
+    empty = bob_disco.open_untrusted(alice_disco.seal_call_me_maybe(bob.node_id, NatKind.HARD, ()))
+    assert isinstance(empty, CallMeMaybe) and empty.candidates == ()
+    most = [Candidate((f"2001:db8::{i + 1}", 1000 + i), CandidateKind.LOCAL) for i in range(16)]
+    wire = alice_disco.seal_call_me_maybe(bob.node_id, NatKind.EASY, most)
+    assert len(wire) == MAX_DISCO_SIZE  # the largest message there is
+    full = bob_disco.open_untrusted(wire)
+    assert isinstance(full, CallMeMaybe) and list(full.candidates) == most
+    with pytest.raises(LocalProtocolError, match="at most 16"):
+        alice_disco.seal_call_me_maybe(bob.node_id, NatKind.EASY, [*most, most[0]])
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"", "without NAT kind"),
+        (b"\x02", "without NAT kind"),
+        (bytes([2, MAX_CANDIDATES + 1]), "candidates"),
+        (bytes([2, 1]), "truncated"),
+        (bytes([2, 1, 9, 4, 10, 0, 0, 1, 0, 80]), "unknown candidate kind"),
+        (bytes([2, 1, 1, 5, 10, 0, 0, 1, 0, 80]), "unknown address family"),
+        (bytes([2, 1, 1, 4, 10, 0, 0, 1, 0]), "truncated"),
+        (bytes([2, 1, 1, 4, 10, 0, 0, 1, 0, 80, 0]), "stray bytes"),
+        (bytes([2, 2, 1, 4, 10, 0, 0, 1, 0, 80]), "truncated"),
+    ],
+)
+def test_malformed_call_me_maybe_is_dropped_and_counted(body: bytes, error: str) -> None:
+    alice, _ = make(1)
+    bob, bob_disco = make(2)
+    with pytest.raises(BadDisco, match=error):
+        bob_disco.open_untrusted(boxed(alice, bob, bytes([0x03]) + b"t" * 12 + body))
+    assert bob_disco.counters.malformed == 1
+    assert bob_disco.counters.opened == 0
+
+
+def test_unknown_nat_code_reads_as_unknown() -> None:
+    alice, _ = make(1)
+    bob, bob_disco = make(2)
+    message = bob_disco.open_untrusted(boxed(alice, bob, bytes([0x03]) + b"t" * 12 + b"\x63\x00"))
+    assert isinstance(message, CallMeMaybe) and message.nat is NatKind.UNKNOWN
+
+
+@given(st.binary(max_size=400))
+def test_any_call_me_maybe_body_raises_only_bad_disco(body: bytes) -> None:
+    alice, _ = make(1)
+    bob, bob_disco = make(2)
+    try:
+        message = bob_disco.open_untrusted(boxed(alice, bob, bytes([0x03]) + b"t" * 12 + body))
+    except BadDisco:
+        return
+    assert isinstance(message, CallMeMaybe)
+    assert len(message.candidates) <= MAX_CANDIDATES

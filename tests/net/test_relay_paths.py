@@ -27,8 +27,12 @@ A = ("192.0.2.1", 1000)
 B = ("198.51.100.2", 2000)
 TX = b"t" * 12
 
-# Short disco waits: a dial to a dead address falls back to the relay quickly.
-CONFIG = EndpointConfig(bind_host="127.0.0.1", disco_pong_wait=0.2, disco_ping_interval=0.05)
+# Short disco waits: a dial to a dead address falls back to the relay quickly. No
+# hole punching: only the addresses a test gives are used (tests/net/test_punching.py
+# covers CALL_ME_MAYBE).
+CONFIG = EndpointConfig(
+    bind_host="127.0.0.1", disco_pong_wait=0.2, disco_ping_interval=0.05, hole_punching=False
+)
 
 
 def node(seed: int) -> NodeId:
@@ -48,7 +52,7 @@ def test_route_without_relay_is_the_optimistic_direct_choice() -> None:
     assert table.route(peer, 0.0) is None
     table.add_candidate(peer, A, 0.0)
     assert table.route(peer, 1.0) == A  # unproven, but nothing better to try
-    assert table.pings_due(peer, 1.0) == []  # nothing depends on validation
+    assert table.poll(1.0) == []  # nothing depends on validation: no probing
 
 
 def test_route_with_relay_prefers_only_validated_direct_paths() -> None:
@@ -100,58 +104,7 @@ def test_relay_pseudo_addresses_never_become_direct_paths() -> None:
     assert table.relay_heard(node(2)) is None
 
 
-def test_pings_due_probes_while_relayed_and_keeps_a_direct_path_alive() -> None:
-    peer = node(1)
-    table = PathTable(validity=30.0, keepalive_interval=10.0, reprobe_interval=5.0)
-    table.set_relay(True)
-    assert table.pings_due(peer, 0.0) == []  # unknown peer, no candidates
-    table.add_candidate(peer, A, 0.0)
-    table.add_candidate(peer, B, 0.0)
-    assert table.pings_due(peer, 0.0) == [A, B]  # never pinged
-    table.ping_sent(peer, A, b"a" * 12, 0.0)
-    table.ping_sent(peer, B, b"b" * 12, 0.0)
-    assert table.pings_due(peer, 4.9) == []  # rate-limited
-    assert table.pings_due(peer, 5.0) == [A, B]  # re-probe while relayed
-    table.ping_sent(peer, A, b"c" * 12, 5.0)
-    table.pong_received(peer, b"c" * 12, A, 5.1)
-    # Validated: only the best path, and only for keep-alive.
-    assert table.pings_due(peer, 15.0) == []
-    assert table.pings_due(peer, 15.1) == [A]
-    table.ping_sent(peer, A, b"d" * 12, 15.1)
-    assert table.pings_due(peer, 20.0) == []
-    # That keep-alive got no pong: try again a keep-alive interval later.
-    assert table.pings_due(peer, 25.1) == [A]
-    table.ping_sent(peer, A, b"e" * 12, 25.1)
-    # Validation lapses 30 s after the last pong: the peer is relayed and
-    # every candidate is probed again.
-    assert table.route(peer, 35.2) is RELAY
-    assert table.pings_due(peer, 35.2) == [A, B]
-    table.set_relay(False)
-    assert table.pings_due(peer, 40.0) == []
-
-
-def test_lossy_keepalive_keeps_the_path_direct_until_pongs_stop() -> None:
-    # Seeded loss of 50% of pongs, one pong per round-trip attempt: the path
-    # stays validated as long as some pong arrives within `validity`.
-    rng = random.Random(5)
-    peer = node(1)
-    table = PathTable(validity=30.0, keepalive_interval=10.0)
-    table.set_relay(True)
-    table.ping_sent(peer, A, TX, 0.0)
-    table.pong_received(peer, TX, A, 0.05)
-    direct_until = 0.0
-    now = 0.0
-    for step in range(600):  # 300 s of traffic, asked every 0.5 s
-        now = step * 0.5
-        for address in table.pings_due(peer, now):
-            tx = rng.randbytes(12)
-            table.ping_sent(peer, address, tx, now)
-            if now < 200.0 and rng.random() < 0.5:  # after 200 s the path breaks
-                table.pong_received(peer, tx, address, now + 0.05)
-        if table.route(peer, now) == A:
-            direct_until = now
-    assert 200.0 <= direct_until <= 230.1
-    assert table.route(peer, now) is RELAY
+# Keep-alive, heartbeat and hole punching plans: tests/net/test_paths.py.
 
 
 # -- a fake relay between real endpoints --------------------------------------------

@@ -99,8 +99,8 @@ async def test_wrong_group_and_garbage_are_refused_and_the_node_keeps_serving(
                 await wait_until(
                     stranger,
                     lambda: (
-                        a.node_id in stranger.peers
-                        and "wrong-group" in (stranger.peers[a.node_id].last_error or "")
+                        a.node_id in stranger.peer_info
+                        and "wrong-group" in (stranger.peer_info[a.node_id].last_error or "")
                     ),
                 )
                 assert a.node_id not in stranger.active and stranger.node_id not in a.active

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from p2psync.crypto.group import GroupSecret
-from p2psync.home import Home
+from p2psync.crypto.identity import Identity
+from p2psync.errors import ConfigError
+from p2psync.home import Home, parse_config_untrusted
 from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+from p2psync.proto.relay import RelayErrorCode
 from relayd.config import HostPort, RelaydConfig
 from relayd.relay import RelaydAddresses, serve
 
@@ -31,10 +41,11 @@ async def running_relay() -> AsyncIterator[RelaydAddresses]:
 
 
 def block_direct_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test's path table never learns a direct address: only the relay remains."""
-    from p2psync.net.endpoint import Endpoint
+    """No path table ever learns a direct address (no hole punching): only the relay remains."""
+    from p2psync.net import endpoint
 
-    monkeypatch.setattr(Endpoint, "add_candidate", lambda self, node_id, address: None)
+    relay_only = partial(endpoint.EndpointConfig, hole_punching=False)
+    monkeypatch.setattr("p2psync.node.EndpointConfig", relay_only)
 
 
 def complete_keys(node: Node) -> set[str]:
@@ -68,3 +79,132 @@ async def test_sync_through_relayd_only(
                     assert status["relay"]["connected"] is True
                     assert status["relay"]["relayed_bytes_received"] > len(big)
                     assert a.endpoint.stats.datagrams_sent > 0
+
+
+# --- the relay's access token: config key, daemon flag, status ----------------------------
+
+_RELAYD_READY = re.compile(
+    r"relayd ready: udp=(?P<host>[\d.]+):(?P<port>\d+) .*? relay=(?P<id>\S+)"
+)
+
+
+def _cli(home: Path, *argv: str) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "p2psync.cli", "--home", str(home), "--json", *argv],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _private_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def _processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start processes (stderr to a log file); all are stopped when the block ends."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            started.append(subprocess.Popen(argv, stdout=out, stderr=out))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _relay_status(home: Path) -> dict[str, Any] | None:
+    try:
+        status: dict[str, Any] = _cli(home, "status")
+    except AssertionError:  # the daemon's socket is not up yet
+        return None
+    return status.get("relay")
+
+
+def test_daemon_presents_the_relay_token_from_config_or_flag(tmp_path: Path) -> None:
+    secret_file = _private_file(tmp_path / "relayd.token", "s3cret-shared-token\n")
+    homes = {name: tmp_path / name for name in ("a", "b")}
+    for home in homes.values():
+        _cli(home, "init")
+        _cli(home, "group", "create")
+    # a: the token file named in config.toml (relative to the home directory).
+    _private_file(homes["a"] / "relay.token", "s3cret-shared-token")
+    with (homes["a"] / "config.toml").open("a") as config:
+        config.write('relay_token_file = "relay.token"\n')
+    with _processes() as start:
+        relayd_log = tmp_path / "relayd.log"
+        start([sys.executable, "-m", "relayd", "--listen", "127.0.0.1:0", "--http",
+               "127.0.0.1:0", "--access-token-file", str(secret_file)], relayd_log)  # fmt: skip
+        ready = _wait_for("relayd ready", lambda: _RELAYD_READY.search(relayd_log.read_text()))
+        relay = f"{ready['id']}@{ready['host']}:{ready['port']}"
+
+        def daemon(name: str, *flags: str) -> subprocess.Popen[bytes]:
+            return start([sys.executable, "-m", "p2psync.cli", "--home", str(homes[name]),
+                          "daemon", "--listen", "127.0.0.1:0", "--relay", relay, "--no-mdns",
+                          *flags], homes[name] / "daemon.log")  # fmt: skip
+
+        daemon("a")
+        status = _wait_for(
+            "a on the relay", lambda: (s := _relay_status(homes["a"])) and s["connected"] and s
+        )
+        assert status["last_error"] is None
+        # b has no token: refused, and status says why (the relay's ERROR code).
+        b = daemon("b")
+        status = _wait_for(
+            "b refused", lambda: (s := _relay_status(homes["b"])) and s["last_error"] and s
+        )
+        assert status["connected"] is False
+        assert status["last_error_code"] == RelayErrorCode.BAD_AUTH
+        assert status["last_error"].startswith("BAD_AUTH: ")
+        b.terminate()
+        assert b.wait(15) == 0
+        # With the flag (a file outside the home), b gets in.
+        daemon("b", "--relay-token-file", str(secret_file))
+        _wait_for("b on the relay", lambda: (s := _relay_status(homes["b"])) and s["connected"])
+        assert "s3cret" not in (homes["b"] / "daemon.log").read_text()
+        assert "s3cret" not in relayd_log.read_text()
+
+
+def test_relay_token_file_config_key(tmp_path: Path) -> None:
+    home = Home(tmp_path / "h")
+    home.init(os.urandom, name="h")
+    assert home.relay_token() is None
+    home.config_file.write_text('name = "h"\nrelay_token_file = "tok"\n')
+    with pytest.raises(ConfigError, match=r"relay_token_file: .*tok: cannot read"):
+        home.relay_token()
+    _private_file(home.path / "tok", "  token with spaces inside \n")
+    assert home.relay_token() == b"token with spaces inside"
+    home.add_peer(f"{Identity.generate(os.urandom).node_id}@127.0.0.1:1")  # rewrites config
+    assert home.load_config().relay_token_file == "tok"
+    flag_file = _private_file(tmp_path / "flag.token", "from-the-flag")
+    assert home.relay_token(flag_file) == b"from-the-flag"  # the flag wins over config
+    for bad, why in (("\n", "empty"), ("a\nb", "printable"), ("x" * 300, "at most 256")):
+        _private_file(flag_file, bad)
+        with pytest.raises(ConfigError, match=why):
+            home.relay_token(flag_file)
+    with pytest.raises(ConfigError, match="relay_token_file"):
+        parse_config_untrusted("relay_token_file = 5\n", "config.toml")

@@ -17,10 +17,13 @@ from p2psync.proto.entry import (
     FeedTip,
     HybridClock,
     Kind,
+    check_entry_signature,
     decode_entry_untrusted,
     hlc_counter,
     hlc_to_ms,
     sign_entry,
+    signatures_valid,
+    signed_bytes_of_encoding,
     verify_entry,
 )
 
@@ -97,6 +100,37 @@ def test_every_single_byte_flip_is_detected() -> None:
         except (BadFrame, EntryRejected):
             continue
         pytest.fail(f"flipping byte {position} went undetected")
+
+
+@given(
+    seq=st.integers(min_value=1, max_value=2**63 - 1),
+    hlc=st.integers(min_value=0, max_value=2**64 - 1),
+    meta=st.binary(max_size=300),
+    kind=st.sampled_from(list(Kind)),
+)
+def test_signed_bytes_cut_from_the_encoding_equal_the_packed_ones(
+    seq: int, hlc: int, meta: bytes, kind: Kind
+) -> None:
+    entry = make(seq=seq, prev=b"" if seq == 1 else b"\x05" * 32, hlc=hlc, meta=meta, kind=kind)
+    raw = entry.encode()
+    assert signed_bytes_of_encoding(decode_entry_untrusted(raw), raw) == entry.signed_bytes()
+    check_entry_signature(entry, raw)
+    # Bytes that are not the entry's encoding fall back to packing its fields.
+    assert signed_bytes_of_encoding(entry, b"\x9b" + raw[1:-1]) == entry.signed_bytes()
+
+
+def test_signature_checks_of_a_batch_name_the_forged_ones() -> None:
+    entries = [make(seq=1, hlc=i) for i in range(4)]
+    raws: list[bytes | None] = [entry.encode() for entry in entries]
+    forged = bytearray(entries[2].encode())
+    forged[-3] ^= 0x10
+    entries[2] = decode_entry_untrusted(bytes(forged))
+    raws[2] = bytes(forged)
+    raws[3] = None  # no encoding at hand: packed again
+    assert signatures_valid(list(zip(entries, raws, strict=True))) == [True, True, False, True]
+    with pytest.raises(EntryRejected) as info:
+        check_entry_signature(entries[2], raws[2])
+    assert info.value.reason == "bad-signature"
 
 
 def test_non_canonical_encoding_is_refused() -> None:

@@ -273,6 +273,44 @@ def test_catch_up_streams_in_bounded_batches(make_node, kit):
     assert [len(e.accepted) for e in received] == [7] * 7 + [1]
 
 
+def test_entries_messages_read_together_are_stored_as_one_batch(make_node, kit):
+    """Eight ENTRIES messages arriving in one read: one insert, one event, same result."""
+    network = kit.Network(config=SyncConfig(max_entries_per_message=7))
+    a, b = make_node("a"), make_node("b")
+    raws = [
+        a.store.append(Kind.DELETE, Meta(f"k{i}"), now_ms=kit.WALL_MS).entry.encode()
+        for i in range(50)
+    ]
+    link = network.connect(a, b)
+    assert b.store.entries_after(a.node_id, 0, 100) == raws
+    received = [e for e in link.events["b"] if isinstance(e, EntriesReceived)]
+    assert [e.accepted for e in received] == [tuple(raws)]
+    assert link.acceptor.stats.entries_accepted == 50
+
+
+def test_entries_before_a_malformed_message_are_stored_then_the_session_closes(
+    make_node, kit, network
+):
+    a, b = make_node("a"), make_node("b")
+    link = network.connect(a, b)
+    raws = [
+        a.store.append(Kind.DELETE, Meta(f"k{i}"), now_ms=kit.WALL_MS).entry.encode()
+        for i in range(3)
+    ]
+    data = (
+        encode_message_frame(Entries(tuple(raws[:2])))
+        + encode_message_frame(Entries(tuple(raws[2:])))
+        + encode_frame(b"\xc1")  # not msgpack
+        + encode_message_frame(Entries(tuple(raws)))  # after the fault: never looked at
+    )
+    link.acceptor.receive_control(data, network.now)
+    assert b.store.entries_after(a.node_id, 0, 10) == raws
+    assert link.acceptor.close_code == ErrorCode.PROTOCOL_ERROR
+    events = list(iter(link.acceptor.next_event, None))
+    assert kinds(events)[-3:] == [EntriesReceived, ProtocolViolation, SessionClosed]
+    assert link.acceptor.stats.entries_duplicate == 0
+
+
 def test_duplicated_entries_messages_are_harmless(make_node, kit, network):
     a, b = make_node("a"), make_node("b")
     a.put_many(30)

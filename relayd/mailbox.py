@@ -1,0 +1,941 @@
+"""relayd's mailbox store: per-group logs of ciphertext, in SQLite and files beside it.
+
+Theory
+------
+The mailbox (:mod:`p2psync.proto.mailbox` has the protocol and the
+membership proof) keeps, per **mailbox id** (a group's public mailbox key,
+never a secret), a log of **items**: signed entries, and the sealed objects
+(chunks, manifests) those entries' blobs consist of. Each item has a
+**cursor**, the mailbox's ``head`` plus one, assigned in the same
+``BEGIN IMMEDIATE`` transaction that inserts the item: cursors have no gaps
+(a refused push rolls back and uses none), are never reused (``head`` only
+grows, and the mailbox row outlives its items), and never come from a
+clock. An item also records its sender's NodeId, size, content hash
+(BLAKE3: the entry id or the object id), creation and expiry time.
+
+Rules the store keeps
+~~~~~~~~~~~~~~~~~~~~~
+- **Verify before storing** (a relay must never store garbage it will later
+  serve): an entry must decode canonically and carry its author's valid
+  signature, must not be stamped far in the future, must be of the group the
+  mailbox's first entry named, and must not fork a feed the mailbox holds
+  (another entry at the same author and seq). An object must hash to the
+  name its pusher gives (BLAKE3 of the ciphertext), have a well-formed chunk or manifest
+  header, and fit its blob: the blob must be named by a live entry of the
+  mailbox; a one-chunk blob's root is exactly the entry's size plus the
+  sealing overhead; a manifest or further chunks only for blobs larger than
+  one chunk, and no more chunks than the blob's size needs.
+- **Idempotent**: an item the mailbox holds (same hash) is not stored again;
+  the push returns its cursor. An object pushed for a second blob gains a
+  reference and the later expiry.
+- **Dedupe** per mailbox by content hash; objects of other mailboxes are
+  never shared (each group's ciphertext is its own).
+- **Lifetime**: items expire ``retention_s`` after their push (an object
+  lives as long as the longest-lived entry referencing its blob) and are
+  never served once expired, whenever cleanup runs. :meth:`MailboxStore.cleanup`
+  (hourly) deletes expired items, **orphan** objects (no live entry names
+  their blob any more), devices not seen for ``retention_s``, empty
+  mailboxes nobody used for that long, stray files; it then returns free
+  pages to the filesystem (``incremental_vacuum``) and truncates the WAL.
+- **Limits**: an item over ``max_item_bytes`` is refused (too-large); a push
+  beyond the group's quota first evicts the mailbox's expired items, then
+  its *delivered* ones (every other registered device has acknowledged
+  them), and is refused (quota-exceeded) if that is not enough; beyond the
+  total quota, or with less than ``min_free_bytes`` free on the
+  filesystem, it is refused (storage-full) before the disk fills. Sizes
+  charge :data:`~relayd.defaults.MAILBOX_ITEM_OVERHEAD_BYTES` per item on top
+  of its bytes. A mailbox serves at most ``max_devices_per_group``
+  registered devices (a device registers by proving membership, and its
+  registration lapses after ``retention_s`` unseen). With
+  ``drop_delivered``, cleanup also drops delivered items early.
+
+Storage: files vs in the database
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Items up to ``inline_max_bytes`` (64 KiB: entries, manifests, the small
+last chunk of a file) live in the ``items`` row. Larger ones (full 1 MiB
+chunks) are files ``objects/<mailbox hex>/<object id hex>`` beside the
+database: SQLite reads small blobs faster than the filesystem but large
+ones slower (sqlite.org, "Internal Versus External BLOBs", crossover
+~100 KB), a large blob in WAL mode is written twice (WAL, then
+checkpoint), and deleting it leaves free pages rather than free disk.
+
+Durability
+~~~~~~~~~~
+WAL with ``synchronous=NORMAL``: a commit is in the WAL before the push is
+acknowledged, so a relayd killed at any moment (SIGKILL) loses only pushes
+it had not acknowledged (the kernel keeps the WAL's pages); a power loss
+may roll back the last few commits (SQLite's documented trade-off), which
+nodes repair by pushing again, since their local store is the source of
+truth. A file is written to a temporary name, fsynced and renamed before
+the transaction that records it commits; a crash in between leaves a
+stray file that cleanup removes. Every object read back is hashed against
+its name; a damaged one is dropped and reported missing.
+
+Schema (``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS`
+upgrade older databases in order, each in one transaction)::
+
+    mailboxes (mailbox PK, log_id, group_id, head, items, bytes, created, last_used)
+    items     (mailbox, cursor, kind 1 entry | 2 object, hash, sender, size, charge,
+               created, expires, blob, blob_size, author, seq, data | NULL = file)
+    refs      (mailbox, blob, object)       which blobs an object belongs to
+    devices   (mailbox, node, first_seen, last_seen, acked)
+    totals    (one row: items, bytes)
+
+The store does blocking I/O and takes ``now`` (wall-clock seconds: expiry
+must survive restarts) from its caller; relayd calls it from worker
+threads, one call at a time (:mod:`relayd.mailbox_service`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import blake3
+
+from p2psync import defaults as node_defaults
+from p2psync.crypto.identity import RandomBytes
+from p2psync.errors import BadFrame, ConfigError, IntegrityError, P2PSyncError
+from p2psync.proto.entry import Entry, Kind, decode_entry_untrusted, hlc_to_ms
+from p2psync.proto.mailbox import (
+    LOG_ID_SIZE,
+    MAX_PULL_BYTES,
+    MAX_PULL_LIMIT,
+    EntryItem,
+    Item,
+    MailboxErrorCode,
+    ObjectItem,
+    item_wire_size,
+)
+from p2psync.store.objects import OVERHEAD, ObjectKind, object_id, read_header_untrusted
+from relayd import defaults
+from relayd.config import MailboxConfig
+
+log = logging.getLogger(__name__)
+
+DB_FILE: Final = "mailbox.sqlite"
+OBJECTS_DIR: Final = "objects"
+ITEM_ENTRY: Final = 1
+ITEM_OBJECT: Final = 2
+
+_SCHEMA_V1: Final = """
+CREATE TABLE mailboxes (
+    mailbox   BLOB PRIMARY KEY,
+    log_id    BLOB NOT NULL,
+    group_id  BLOB,
+    head      INTEGER NOT NULL DEFAULT 0,
+    items     INTEGER NOT NULL DEFAULT 0,
+    bytes     INTEGER NOT NULL DEFAULT 0,
+    created   INTEGER NOT NULL,
+    last_used INTEGER NOT NULL
+) STRICT;
+CREATE TABLE items (
+    mailbox   BLOB NOT NULL,
+    cursor    INTEGER NOT NULL,
+    kind      INTEGER NOT NULL,
+    hash      BLOB NOT NULL,
+    sender    BLOB NOT NULL,
+    size      INTEGER NOT NULL,
+    charge    INTEGER NOT NULL,
+    created   INTEGER NOT NULL,
+    expires   INTEGER NOT NULL,
+    blob      BLOB,
+    blob_size INTEGER,
+    author    BLOB,
+    seq       INTEGER,
+    data      BLOB,
+    PRIMARY KEY (mailbox, cursor)
+) STRICT;
+CREATE UNIQUE INDEX items_by_hash ON items (mailbox, hash);
+CREATE UNIQUE INDEX items_by_feed ON items (mailbox, author, seq) WHERE kind = 1;
+CREATE INDEX items_by_blob ON items (mailbox, blob) WHERE kind = 1;
+CREATE INDEX items_by_expiry ON items (expires);
+CREATE TABLE refs (
+    mailbox BLOB NOT NULL,
+    blob    BLOB NOT NULL,
+    object  BLOB NOT NULL,
+    PRIMARY KEY (mailbox, blob, object)
+) STRICT;
+CREATE INDEX refs_by_object ON refs (mailbox, object);
+CREATE TABLE devices (
+    mailbox    BLOB NOT NULL,
+    node       BLOB NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL,
+    acked      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (mailbox, node)
+) STRICT;
+CREATE TABLE totals (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) STRICT;
+INSERT INTO totals VALUES (1, 0, 0);
+"""
+
+MIGRATIONS: Final[tuple[tuple[int, str], ...]] = ((1, _SCHEMA_V1),)
+"""``(version, script)`` in order; a database at version N runs every later script."""
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+
+class MailboxRefused(P2PSyncError):
+    """A request the mailbox refuses; ``code`` goes on the wire in ERROR."""
+
+    def __init__(self, code: MailboxErrorCode, message: str) -> None:
+        super().__init__(f"{code.label}: {message}")
+        self.code = code
+        self.detail = message
+
+
+@dataclass(frozen=True, slots=True)
+class JoinInfo:
+    log_id: bytes
+    head: int
+    used: int
+    quota: int
+    ttl_s: int
+    max_item: int
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    cursor: int
+    new: bool
+    used: int
+    evicted: int  # items evicted to make room (expired or delivered)
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    items: tuple[Item, ...]
+    has_more: bool
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupResult:
+    expired: int
+    delivered: int
+    orphans: int
+    devices: int
+    mailboxes: int
+    stray_files: int
+    bytes_freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    groups: int
+    items: int
+    bytes: int
+
+
+def free_space(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+# --- checks that need no key (pure) ------------------------------------------------------
+
+
+def check_entry_untrusted(raw: bytes, now: float) -> Entry:
+    """Decode and check a pushed entry; :class:`MailboxRefused` (bad-entry) says why."""
+    try:
+        entry = decode_entry_untrusted(raw)
+    except BadFrame as exc:
+        raise MailboxRefused(MailboxErrorCode.BAD_ENTRY, f"malformed: {exc}") from None
+    ahead_ms = hlc_to_ms(entry.hlc) - int(now * 1000)
+    if ahead_ms > node_defaults.MAX_CLOCK_SKEW_MS:
+        raise MailboxRefused(
+            MailboxErrorCode.BAD_ENTRY, f"clock-skew: entry stamped {ahead_ms} ms ahead"
+        )
+    try:
+        entry.author.verify(entry.signed_bytes(), entry.sig)
+    except IntegrityError:
+        raise MailboxRefused(
+            MailboxErrorCode.BAD_ENTRY, f"bad-signature: not signed by {entry.author.short()}"
+        ) from None
+    return entry
+
+
+def check_object_untrusted(claimed: bytes, data: bytes) -> ObjectKind:
+    """The kind of a pushed sealed object named ``claimed``; :class:`MailboxRefused` if not so."""
+    if object_id(data) != claimed:
+        raise MailboxRefused(
+            MailboxErrorCode.BAD_OBJECT, f"object {claimed.hex()[:16]} does not match its hash"
+        )
+    try:
+        kind, _epoch = read_header_untrusted(data)
+    except BadFrame as exc:
+        raise MailboxRefused(MailboxErrorCode.BAD_OBJECT, str(exc)) from None
+    if kind not in (ObjectKind.CHUNK, ObjectKind.MANIFEST):
+        raise MailboxRefused(MailboxErrorCode.BAD_OBJECT, f"a {kind.name} is not a blob's object")
+    return kind
+
+
+def check_object_fits(
+    oid: bytes, kind: ObjectKind, size: int, blob: bytes, blob_size: int, chunks_held: int
+) -> None:
+    """Does an object of ``size`` bytes fit the blob of ``blob_size`` plaintext bytes?
+
+    ``chunks_held``: the blob's non-root chunks the mailbox already holds.
+    """
+    chunk = node_defaults.CHUNK_SIZE
+    multi = blob_size > chunk
+    if oid == blob:
+        if kind is ObjectKind.CHUNK and (multi or size != blob_size + OVERHEAD):
+            raise MailboxRefused(
+                MailboxErrorCode.BAD_OBJECT,
+                f"the blob's only chunk must be {blob_size + OVERHEAD} bytes, got {size}",
+            )
+        if kind is ObjectKind.MANIFEST and not multi:
+            raise MailboxRefused(MailboxErrorCode.BAD_OBJECT, "a blob of one chunk has no manifest")
+        return
+    if kind is not ObjectKind.CHUNK or not multi:
+        raise MailboxRefused(
+            MailboxErrorCode.BAD_OBJECT, "only a multi-chunk blob has objects besides its root"
+        )
+    if size > chunk + OVERHEAD:
+        raise MailboxRefused(MailboxErrorCode.BAD_OBJECT, f"a chunk of {size} bytes is too big")
+    if chunks_held >= math.ceil(blob_size / chunk):
+        raise MailboxRefused(
+            MailboxErrorCode.BAD_OBJECT, "the blob already has every chunk its size allows"
+        )
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+class MailboxStore:
+    """The mailboxes of one relayd data directory. Open with :meth:`open`; :meth:`close` it."""
+
+    def __init__(
+        self,
+        directory: Path,
+        db: sqlite3.Connection,
+        config: MailboxConfig,
+        random_bytes: RandomBytes,
+        free: Callable[[Path], int],
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self._db = db
+        self._random_bytes = random_bytes
+        self._free = free
+        self._objects = directory / OBJECTS_DIR
+        self._doomed: list[Path] = []  # files to unlink once the transaction commits
+        self.totals = self._read_totals(count_groups=True)
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        config: MailboxConfig,
+        *,
+        random_bytes: RandomBytes = os.urandom,
+        free: Callable[[Path], int] = free_space,
+    ) -> MailboxStore:
+        """Open (creating, migrating) the mailbox database in ``directory``.
+
+        Raises :class:`~p2psync.errors.ConfigError` if it cannot, saying why.
+        """
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (directory / OBJECTS_DIR).mkdir(mode=0o700, exist_ok=True)
+            db = sqlite3.connect(directory / DB_FILE, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{directory}: cannot open the mailbox store: {exc}") from None
+        try:
+            db.execute(f"PRAGMA busy_timeout = {defaults.MAILBOX_BUSY_TIMEOUT_MS}")
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                # Only takes effect on a new, empty database (before WAL mode
+                # and the first table): freed pages can then be returned to
+                # the filesystem by cleanup's incremental_vacuum.
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            _migrate(db, directory / DB_FILE)
+        except sqlite3.Error as exc:
+            db.close()
+            raise ConfigError(f"{directory / DB_FILE}: mailbox database unusable: {exc}") from None
+        except ConfigError:
+            db.close()
+            raise
+        return cls(directory, db, config, random_bytes, free)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> MailboxStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; files of items it deleted are unlinked after COMMIT."""
+        self._doomed = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._doomed = []
+            raise
+        self._db.execute("COMMIT")
+        doomed, self._doomed = self._doomed, []
+        for path in doomed:
+            path.unlink(missing_ok=True)
+
+    def _read_totals(self, *, count_groups: bool = False) -> Totals:
+        items, size = self._db.execute("SELECT items, bytes FROM totals").fetchone()
+        if count_groups:
+            (groups,) = self._db.execute("SELECT COUNT(*) FROM mailboxes").fetchone()
+        else:
+            groups = self.totals.groups
+        return Totals(int(groups), int(items), int(size))
+
+    def _object_path(self, mailbox: bytes, oid: bytes) -> Path:
+        return self._objects / mailbox.hex() / oid.hex()
+
+    # --- join, ack -----------------------------------------------------------------------
+
+    def join(self, mailbox: bytes, node: bytes, now: float) -> JoinInfo:
+        """Register ``node`` (its proof checked by the caller) with ``mailbox``, creating it."""
+        t = int(now)
+        config = self.config
+        with self._write() as db:
+            row = db.execute(
+                "SELECT log_id, head, bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)
+            ).fetchone()
+            if row is None:
+                log_id = self._random_bytes(LOG_ID_SIZE)
+                db.execute(
+                    "INSERT INTO mailboxes (mailbox, log_id, created, last_used) VALUES (?,?,?,?)",
+                    (mailbox, log_id, t, t),
+                )
+                row = (log_id, 0, 0)
+            else:
+                db.execute("UPDATE mailboxes SET last_used = ? WHERE mailbox = ?", (t, mailbox))
+            # A registration lapses after retention_s unseen (cleanup deletes it).
+            known = db.execute(
+                "SELECT 1 FROM devices WHERE mailbox = ? AND node = ? AND last_seen > ?",
+                (mailbox, node, t - config.retention_s),
+            ).fetchone()
+            if known is None:
+                (count,) = db.execute(
+                    "SELECT COUNT(*) FROM devices WHERE mailbox = ? AND last_seen > ?",
+                    (mailbox, t - config.retention_s),
+                ).fetchone()
+                if count >= config.max_devices_per_group:
+                    raise MailboxRefused(
+                        MailboxErrorCode.TOO_MANY_DEVICES,
+                        f"this group's mailbox already serves {count} devices",
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, 0)", (mailbox, node, t, t)
+                )
+            else:
+                db.execute(
+                    "UPDATE devices SET last_seen = ? WHERE mailbox = ? AND node = ?",
+                    (t, mailbox, node),
+                )
+        self.totals = self._read_totals(count_groups=True)
+        return JoinInfo(
+            log_id=bytes(row[0]),
+            head=int(row[1]),
+            used=int(row[2]),
+            quota=config.group_quota_bytes,
+            ttl_s=config.retention_s,
+            max_item=config.max_item_bytes,
+        )
+
+    def ack(self, mailbox: bytes, node: bytes, cursor: int, now: float) -> int:
+        """``node`` holds everything up to ``cursor``; returns what is recorded (<= head)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE devices SET acked = MAX(acked, MIN(?, "
+                "(SELECT head FROM mailboxes WHERE mailbox = ?))), last_seen = ? "
+                "WHERE mailbox = ? AND node = ?",
+                (cursor, mailbox, int(now), mailbox, node),
+            )
+            row = db.execute(
+                "SELECT acked FROM devices WHERE mailbox = ? AND node = ?", (mailbox, node)
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    # --- push ------------------------------------------------------------------------------
+
+    def push_entry(self, mailbox: bytes, sender: bytes, raw: bytes, now: float) -> PushResult:
+        """Store a signed entry (verified here); its cursor, new or existing."""
+        self._check_size(len(raw))
+        entry = check_entry_untrusted(raw, now)
+        entry_id = blake3.blake3(raw).digest()
+        t = int(now)
+        blob = entry.blob if entry.kind is Kind.PUT else None
+        with self._write() as db:
+            head, used, group_id = self._mailbox_row(db, mailbox)
+            existing = self._live_item(db, mailbox, entry_id, t)
+            if existing is not None:
+                return PushResult(existing, False, used, 0)
+            if group_id is not None and group_id != entry.group_id:
+                raise MailboxRefused(
+                    MailboxErrorCode.BAD_ENTRY, "wrong-group: not this mailbox's group"
+                )
+            fork = db.execute(
+                "SELECT hash, expires FROM items WHERE mailbox = ? AND kind = 1 "
+                "AND author = ? AND seq = ?",
+                (mailbox, entry.author.raw, entry.seq),
+            ).fetchone()
+            evicted = 0
+            if fork is not None:
+                if int(fork[1]) > t:
+                    raise MailboxRefused(
+                        MailboxErrorCode.BAD_ENTRY,
+                        f"fork: {entry.author.short()}#{entry.seq} differs from the one held",
+                    )
+                evicted += self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, fork[0]))
+            charge = len(raw) + defaults.MAILBOX_ITEM_OVERHEAD_BYTES
+            evicted += self._make_room(db, mailbox, charge, t)
+            cursor = head + 1
+            db.execute(
+                "INSERT INTO items (mailbox, cursor, kind, hash, sender, size, charge, created, "
+                "expires, blob, blob_size, author, seq, data) "
+                "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mailbox, cursor, entry_id, sender, len(raw), charge, t,
+                 t + self.config.retention_s, blob, entry.size if blob else None,
+                 entry.author.raw, entry.seq, raw),
+            )  # fmt: skip
+            used = self._added(db, mailbox, cursor, charge, group_id or entry.group_id, t)
+        self.totals = self._read_totals()
+        return PushResult(cursor, True, used, evicted)
+
+    def push_object(
+        self, mailbox: bytes, sender: bytes, blob: bytes, oid: bytes, data: bytes, now: float
+    ) -> PushResult:
+        """Store sealed object ``oid`` of ``blob`` (an entry of the mailbox must name it)."""
+        self._check_size(len(data))
+        kind = check_object_untrusted(oid, data)
+        t = int(now)
+        written: Path | None = None
+        try:
+            with self._write() as db:
+                head, used, group_id = self._mailbox_row(db, mailbox)
+                owner = db.execute(
+                    "SELECT blob_size, expires FROM items WHERE mailbox = ? AND kind = 1 "
+                    "AND blob = ? AND expires > ? ORDER BY expires DESC LIMIT 1",
+                    (mailbox, blob, t),
+                ).fetchone()
+                if owner is None:
+                    raise MailboxRefused(
+                        MailboxErrorCode.UNKNOWN_BLOB,
+                        f"no entry in this mailbox names blob {blob.hex()[:16]}",
+                    )
+                blob_size, expires = int(owner[0]), int(owner[1])
+                existing = self._live_item(db, mailbox, oid, t)
+                if existing is not None:
+                    db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (mailbox, blob, oid))
+                    db.execute(
+                        "UPDATE items SET expires = MAX(expires, ?) WHERE mailbox = ? AND hash = ?",
+                        (expires, mailbox, oid),
+                    )
+                    return PushResult(existing, False, used, 0)
+                (held,) = db.execute(
+                    "SELECT COUNT(*) FROM refs WHERE mailbox = ? AND blob = ? AND object != ?",
+                    (mailbox, blob, blob),
+                ).fetchone()
+                check_object_fits(oid, kind, len(data), blob, blob_size, int(held))
+                evicted = self._evict_where(
+                    db, "mailbox = ? AND hash = ?", (mailbox, oid)
+                )  # an expired copy not cleaned up yet
+                charge = len(data) + defaults.MAILBOX_ITEM_OVERHEAD_BYTES
+                evicted += self._make_room(db, mailbox, charge, t)
+                inline: bytes | None = data
+                if len(data) > self.config.inline_max_bytes:
+                    written = self._write_file(mailbox, oid, data)
+                    inline = None
+                cursor = head + 1
+                db.execute(
+                    "INSERT INTO items (mailbox, cursor, kind, hash, sender, size, charge, "
+                    "created, expires, blob, data) VALUES (?, ?, 2, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mailbox, cursor, oid, sender, len(data), charge, t, expires, blob, inline),
+                )
+                db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (mailbox, blob, oid))
+                used = self._added(db, mailbox, cursor, charge, group_id, t)
+        except BaseException:
+            if written is not None:
+                written.unlink(missing_ok=True)
+            raise
+        self.totals = self._read_totals()
+        return PushResult(cursor, True, used, evicted)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.config.max_item_bytes:
+            raise MailboxRefused(
+                MailboxErrorCode.TOO_LARGE,
+                f"item of {size} bytes exceeds this relay's {self.config.max_item_bytes}",
+            )
+
+    def _mailbox_row(self, db: sqlite3.Connection, mailbox: bytes) -> tuple[int, int, bytes | None]:
+        row = db.execute(
+            "SELECT head, bytes, group_id FROM mailboxes WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        if row is None:
+            raise MailboxRefused(MailboxErrorCode.PROTOCOL, "unknown mailbox: JOIN first")
+        return int(row[0]), int(row[1]), None if row[2] is None else bytes(row[2])
+
+    def _live_item(
+        self, db: sqlite3.Connection, mailbox: bytes, item_hash: bytes, t: int
+    ) -> int | None:
+        row = db.execute(
+            "SELECT cursor FROM items WHERE mailbox = ? AND hash = ? AND expires > ?",
+            (mailbox, item_hash, t),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _added(
+        self,
+        db: sqlite3.Connection,
+        mailbox: bytes,
+        cursor: int,
+        charge: int,
+        group_id: bytes | None,
+        t: int,
+    ) -> int:
+        """Account for a new item; returns the mailbox's bytes now."""
+        db.execute(
+            "UPDATE mailboxes SET head = ?, items = items + 1, bytes = bytes + ?, "
+            "group_id = COALESCE(group_id, ?), last_used = ? WHERE mailbox = ?",
+            (cursor, charge, group_id, t, mailbox),
+        )
+        db.execute("UPDATE totals SET items = items + 1, bytes = bytes + ?", (charge,))
+        (used,) = db.execute("SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()
+        return int(used)
+
+    def _make_room(self, db: sqlite3.Connection, mailbox: bytes, charge: int, t: int) -> int:
+        """Evict expired, then delivered items until ``charge`` fits; else refuse."""
+        config = self.config
+        try:
+            free = self._free(self.directory)
+        except OSError as exc:
+            raise MailboxRefused(
+                MailboxErrorCode.STORAGE_FULL, f"cannot check disk: {exc}"
+            ) from None
+        if free - charge < config.min_free_bytes:
+            raise MailboxRefused(
+                MailboxErrorCode.STORAGE_FULL,
+                "the relay's disk is nearly full; push again later or to another relay",
+            )
+
+        def fits() -> bool:
+            (used,) = db.execute(
+                "SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)
+            ).fetchone()
+            (total,) = db.execute("SELECT bytes FROM totals").fetchone()
+            return bool(
+                used + charge <= config.group_quota_bytes
+                and total + charge <= config.total_quota_bytes
+            )
+
+        if fits():
+            return 0
+        evicted = self._evict_where(db, "mailbox = ? AND expires <= ?", (mailbox, t))
+        if fits():
+            return evicted
+        evicted += self._evict_delivered(db, mailbox)
+        if fits():
+            return evicted
+        (used,) = db.execute("SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()
+        if used + charge > config.group_quota_bytes:
+            raise MailboxRefused(
+                MailboxErrorCode.QUOTA_EXCEEDED,
+                f"this group's mailbox holds {used} of {config.group_quota_bytes} bytes; "
+                "push again once older items expire",
+            )
+        raise MailboxRefused(
+            MailboxErrorCode.STORAGE_FULL, "the relay's mailbox storage is full; push again later"
+        )
+
+    # --- eviction -----------------------------------------------------------------------------
+
+    _DELIVERED = (
+        "mailbox = ? AND EXISTS (SELECT 1 FROM devices d WHERE d.mailbox = items.mailbox "
+        "AND d.node != items.sender) AND NOT EXISTS (SELECT 1 FROM devices d "
+        "WHERE d.mailbox = items.mailbox AND d.node != items.sender AND d.acked < items.cursor)"
+    )
+
+    def _evict_delivered(self, db: sqlite3.Connection, mailbox: bytes) -> int:
+        return self._evict_where(db, self._DELIVERED, (mailbox,))
+
+    def _evict_where(self, db: sqlite3.Connection, where: str, args: tuple[object, ...]) -> int:
+        """Delete the items matching ``where`` (and their files); fix the counters."""
+        rows = db.execute(
+            f"SELECT mailbox, cursor, hash, charge, data IS NULL AND kind = 2 FROM items "
+            f"WHERE {where}",
+            args,
+        ).fetchall()
+        if not rows:
+            return 0
+        per_mailbox: dict[bytes, tuple[int, int]] = {}
+        files: list[Path] = []
+        for mailbox, _cursor, item_hash, charge, in_file in rows:
+            count, size = per_mailbox.get(bytes(mailbox), (0, 0))
+            per_mailbox[bytes(mailbox)] = (count + 1, size + int(charge))
+            if in_file:
+                files.append(self._object_path(bytes(mailbox), bytes(item_hash)))
+        db.executemany(
+            "DELETE FROM items WHERE mailbox = ? AND cursor = ?",
+            [(bytes(r[0]), int(r[1])) for r in rows],
+        )
+        for mailbox, (count, size) in per_mailbox.items():
+            db.execute(
+                "UPDATE mailboxes SET items = items - ?, bytes = bytes - ? WHERE mailbox = ?",
+                (count, size, mailbox),
+            )
+            db.execute("UPDATE totals SET items = items - ?, bytes = bytes - ?", (count, size))
+        self._doomed += files  # unlinked once this transaction commits
+        return len(rows)
+
+    # --- pull, fetch ------------------------------------------------------------------------
+
+    def pull(self, mailbox: bytes, after: int, limit: int, now: float) -> PullResult:
+        """Live items after cursor ``after``: entries whole, objects as headers."""
+        limit = max(1, min(limit, MAX_PULL_LIMIT))
+        row = self._db.execute(
+            "SELECT head FROM mailboxes WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        if row is None:
+            raise MailboxRefused(MailboxErrorCode.PROTOCOL, "unknown mailbox: JOIN first")
+        head = int(row[0])
+        rows = self._db.execute(
+            "SELECT cursor, kind, hash, size, blob, CASE WHEN kind = 1 THEN data END FROM items "
+            "WHERE mailbox = ? AND cursor > ? AND expires > ? ORDER BY cursor LIMIT ?",
+            (mailbox, after, int(now), limit + 1),
+        ).fetchall()
+        items: list[Item] = []
+        budget = MAX_PULL_BYTES
+        has_more = len(rows) > limit
+        for cursor, kind, item_hash, size, blob, data in rows[:limit]:
+            item: Item
+            if kind == ITEM_ENTRY:
+                item = EntryItem(int(cursor), bytes(data))
+            else:
+                item = ObjectItem(int(cursor), bytes(item_hash), int(size), bytes(blob))
+            cost = item_wire_size(item)
+            if items and cost > budget:
+                has_more = True
+                break
+            budget -= cost
+            items.append(item)
+        return PullResult(tuple(items), has_more, head)
+
+    def fetch(self, mailbox: bytes, oid: bytes, now: float) -> bytes | None:
+        """A live object's bytes, verified against its name; None if absent or damaged."""
+        row = self._db.execute(
+            "SELECT data, expires FROM items WHERE mailbox = ? AND hash = ? AND kind = 2",
+            (mailbox, oid),
+        ).fetchone()
+        if row is None or int(row[1]) <= int(now):
+            return None
+        if row[0] is not None:
+            data = bytes(row[0])
+        else:
+            try:
+                data = self._object_path(mailbox, oid).read_bytes()
+            except OSError as exc:
+                log.warning("mailbox object %s unreadable: %s", oid.hex()[:16], exc)
+                data = b""
+        if object_id(data) != oid:
+            log.warning("mailbox object %s damaged on disk: dropped", oid.hex()[:16])
+            with self._write() as db:
+                self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, oid))
+            self.totals = self._read_totals()
+            return None
+        return data
+
+    def head(self, mailbox: bytes) -> int:
+        row = self._db.execute(
+            "SELECT head FROM mailboxes WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # --- files ------------------------------------------------------------------------------
+
+    def _write_file(self, mailbox: bytes, oid: bytes, data: bytes) -> Path:
+        """Write ``data`` durably under its name (temp file, fsync, rename, fsync dir)."""
+        path = self._object_path(mailbox, oid)
+        directory = path.parent
+        if not directory.is_dir():
+            directory.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(directory.parent)
+        tmp = directory / (path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+        return path
+
+    # --- cleanup ------------------------------------------------------------------------------
+
+    def cleanup(self, now: float) -> CleanupResult:
+        """Expire items, drop orphans, stale devices and empty mailboxes; reclaim space."""
+        t = int(now)
+        config = self.config
+        before = self.totals.bytes
+        with self._write() as db:
+            expired = self._evict_where(db, "expires <= ?", (t,))
+            delivered = 0
+            if config.drop_delivered:
+                for (mailbox,) in db.execute("SELECT mailbox FROM mailboxes").fetchall():
+                    delivered += self._evict_delivered(db, bytes(mailbox))
+            # References of blobs no live entry names any more, then objects
+            # that no reference keeps.
+            db.execute(
+                "DELETE FROM refs WHERE NOT EXISTS (SELECT 1 FROM items e WHERE "
+                "e.mailbox = refs.mailbox AND e.kind = 1 AND e.blob = refs.blob)"
+            )
+            orphans = self._evict_where(
+                db,
+                "kind = 2 AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.mailbox = items.mailbox "
+                "AND r.object = items.hash)",
+                (),
+            )
+            devices = db.execute(
+                "DELETE FROM devices WHERE last_seen <= ?", (t - config.retention_s,)
+            ).rowcount
+            mailboxes = db.execute(
+                "DELETE FROM mailboxes WHERE last_used <= ? AND NOT EXISTS "
+                "(SELECT 1 FROM items i WHERE i.mailbox = mailboxes.mailbox) AND NOT EXISTS "
+                "(SELECT 1 FROM devices d WHERE d.mailbox = mailboxes.mailbox)",
+                (t - config.retention_s,),
+            ).rowcount
+            # Counters from the rows themselves: they never drift for long.
+            db.execute(
+                "UPDATE mailboxes SET items = (SELECT COUNT(*) FROM items i WHERE "
+                "i.mailbox = mailboxes.mailbox), bytes = (SELECT COALESCE(SUM(charge), 0) "
+                "FROM items i WHERE i.mailbox = mailboxes.mailbox)"
+            )
+            db.execute(
+                "UPDATE totals SET items = (SELECT COUNT(*) FROM items), "
+                "bytes = (SELECT COALESCE(SUM(charge), 0) FROM items)"
+            )
+        stray = self._remove_stray_files()
+        self._db.execute("PRAGMA incremental_vacuum")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.totals = self._read_totals(count_groups=True)
+        return CleanupResult(
+            expired=expired,
+            delivered=delivered,
+            orphans=orphans,
+            devices=max(0, devices),
+            mailboxes=max(0, mailboxes),
+            stray_files=stray,
+            bytes_freed=max(0, before - self.totals.bytes),
+        )
+
+    def _remove_stray_files(self) -> int:
+        """Files no row names (a crash between rename and commit), and temp files."""
+        removed = 0
+        if not self._objects.is_dir():
+            return 0
+        for directory in self._objects.iterdir():
+            try:
+                mailbox = bytes.fromhex(directory.name)
+            except ValueError:
+                continue
+            held = {
+                bytes(r[0]).hex()
+                for r in self._db.execute(
+                    "SELECT hash FROM items WHERE mailbox = ? AND kind = 2 AND data IS NULL",
+                    (mailbox,),
+                )
+            }
+            for path in directory.iterdir():
+                if path.name not in held:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            if not held:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        return removed
+
+    # --- inspection (status, tests) -----------------------------------------------------------
+
+    def mailbox_stats(self, mailbox: bytes) -> tuple[int, int, int]:
+        """(head, items, bytes) of one mailbox; zeros if unknown."""
+        row = self._db.execute(
+            "SELECT head, items, bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+        return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+    def cursors(self, mailbox: bytes) -> list[int]:
+        """Every stored cursor of ``mailbox`` in order (tests check gaps and duplicates)."""
+        rows = self._db.execute(
+            "SELECT cursor FROM items WHERE mailbox = ? ORDER BY cursor", (mailbox,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{path}: mailbox schema {version} is newer than this relayd ({SCHEMA_VERSION}); "
+            "upgrade relayd, or move the mailbox directory aside to start empty"
+        )
+    for number, script in MIGRATIONS:
+        if number <= version:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        log.info("mailbox database at schema %d", number)
+
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "CleanupResult",
+    "JoinInfo",
+    "MailboxRefused",
+    "MailboxStore",
+    "PullResult",
+    "PushResult",
+    "Totals",
+    "check_entry_untrusted",
+    "check_object_fits",
+    "check_object_untrusted",
+]

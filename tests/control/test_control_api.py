@@ -1,0 +1,294 @@
+"""The daemon's control API over a real Unix socket, against a real running node.
+
+Drives the socket the way a non-Python app would: raw JSON lines. Covers
+every method, the error codes, ``pull`` with cursors, the ``subscribe``
+stream (backlog, live entries, peer events, cancel, busy) and clients that
+vanish mid-stream without leaving anything behind in the daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2psync.control.client import DaemonError, connect_if_running
+from p2psync.control.daemon import control_server_for
+from p2psync.control.protocol import SOCKET_NAME
+from p2psync.control.server import ControlServer
+from p2psync.crypto.group import GroupSecret
+from p2psync.home import Home
+from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+
+LOOPBACK = ("127.0.0.1", 0)
+
+
+class Line:
+    """A blocking JSON-lines connection, as a shell script or another language would hold."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(str(path))
+        self.reader = self.sock.makefile("rb")
+
+    def send(self, message: dict[str, Any] | bytes) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.sock.sendall(data)
+
+    def read(self) -> dict[str, Any]:
+        line = self.reader.readline()
+        assert line, "daemon closed the connection"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def call(self, method: str, request_id: int = 1, **params: Any) -> dict[str, Any]:
+        self.send({"id": request_id, "method": method, "params": params})
+        return self.read()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return trio.to_thread.run_sync(fn, *args)
+
+
+@asynccontextmanager
+async def daemon(home: Home, options: NodeOptions) -> AsyncIterator[tuple[Node, ControlServer]]:
+    """A node serving its control socket (what `p2psync daemon` runs)."""
+    async with open_node(home, options) as node, trio.open_nursery() as nursery:
+        server = control_server_for(node)
+        await nursery.start(server.serve, home.path / SOCKET_NAME)
+        yield node, server
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def home(make_home: Callable[..., Home]) -> Home:
+    return make_home("a", GroupSecret.generate(os.urandom))
+
+
+@pytest.fixture
+def make_home(tmp_path: Path) -> Callable[..., Home]:
+    def make(name: str, secret: GroupSecret) -> Home:
+        home = Home(tmp_path / name)
+        home.init(os.urandom, name=name)
+        home.save_secret(secret)
+        return home
+
+    return make
+
+
+async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(os.urandom(3 * 1024 * 1024))
+    with trio.fail_after(60):
+        async with daemon(home, NodeOptions(listen=LOOPBACK)) as (node, _):
+            sock = home.path / SOCKET_NAME
+            assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+
+            def script() -> dict[str, Any]:
+                c = Line(sock)
+                out: dict[str, Any] = {}
+                out["text"] = c.call("put", 1, key="notes/a", text="héllo", meta={"pinned": True})
+                data = base64.b64encode(b"\x00\xff").decode()
+                out["b64"] = c.call("put", 2, key="bin", base64=data)
+                out["path"] = c.call("put", 3, path=str(source), progress=True)
+                progress = [out["path"]]
+                while "event" in progress[-1]:
+                    progress.append(c.read())
+                out["progress"] = progress
+                out["get_inline"] = c.call("get", 4, target="notes/a")
+                out["get_file"] = c.call("get", 5, target="photo.jpg", output=str(tmp_path / "o"))
+                out["ls"] = c.call("ls", 6)
+                out["pull1"] = c.call("pull", 7, after=0, limit=2)
+                out["pull2"] = c.call("pull", 8, after=out["pull1"]["result"]["cursor"])
+                out["rm"] = c.call("rm", 9, key="bin")
+                out["rm_again"] = c.call("rm", 10, key="bin")
+                out["get_deleted"] = c.call("get", 11, target="bin")
+                out["too_big_inline"] = c.call("get", 12, target="photo.jpg")
+                out["status"] = c.call("status", "s")
+                out["peers"] = c.call("peers", 13)
+                out["whoami"] = c.call("whoami", 14)
+                out["invite"] = c.call("invite", 15, lifetime=60)
+                out["unknown"] = c.call("frobnicate", 16)
+                out["bad_limit"] = c.call("pull", 17, limit=0)
+                out["two_sources"] = c.call("put", 18, key="x", text="a", base64="YQ==")
+                out["bad_meta"] = c.call("put", 19, key="x", text="a", meta={"f": 1.5})
+                out["bad_file"] = c.call("put", 20, path=str(tmp_path / "missing"))
+                c.send(b'{"id": 21, "method": "ls"\n')  # malformed JSON
+                out["malformed"] = c.read()
+                out["still_fine"] = c.call("whoami", 22)
+                c.close()
+                return out
+
+            out = await in_thread(script)
+
+    text = out["text"]["result"]
+    assert (text["kind"], text["key"], text["size"], text["meta"]) == (
+        "put",
+        "notes/a",
+        6,
+        {"pinned": True},
+    )
+    assert out["b64"]["result"]["size"] == 2
+    events = [r["event"] for r in out["progress"][:-1]]
+    assert events and all(e["type"] == "progress" for e in events)
+    assert events[-1] == {
+        "type": "progress",
+        "bytes_done": 3 * 1024 * 1024,
+        "bytes_total": 3 * 1024 * 1024,
+        "finished": True,
+    }
+    assert out["progress"][-1]["result"]["key"] == "photo.jpg"
+    assert out["get_inline"]["result"]["text"] == "héllo"
+    assert base64.b64decode(out["get_inline"]["result"]["base64"]) == "héllo".encode()
+    assert (tmp_path / "o").read_bytes() == source.read_bytes()
+    assert [row["key"] for row in out["ls"]["result"]] == ["bin", "notes/a", "photo.jpg"]
+    page1, page2 = out["pull1"]["result"], out["pull2"]["result"]
+    assert [c["key"] for c in page1["changes"]] == ["notes/a", "bin"] and page1["more"]
+    assert [c["key"] for c in page2["changes"]] == ["photo.jpg"] and not page2["more"]
+    assert page2["cursor"] == page2["changes"][-1]["cursor"] > page1["cursor"]
+    assert out["rm"]["result"]["kind"] == "delete" and out["rm"]["result"]["deleted"]
+    assert out["rm_again"]["error"]["code"] == "not-found"
+    assert out["get_deleted"]["error"]["code"] == "not-found"
+    assert out["too_big_inline"]["error"]["code"] == "too-large"
+    status = out["status"]
+    assert status["id"] == "s" and status["result"]["node_id"] == str(node.node_id)
+    assert {"peers", "transfers", "counters"} <= set(status["result"])
+    assert out["peers"]["result"] == []
+    assert out["whoami"]["result"]["home"] == str(home.path)
+    assert out["invite"]["result"]["ticket"]
+    for name, code in [
+        ("unknown", "unknown-method"),
+        ("bad_limit", "bad-params"),
+        ("two_sources", "bad-params"),
+        ("bad_meta", "bad-params"),
+        ("bad_file", "bad-params"),
+    ]:
+        assert out[name]["error"]["code"] == code, (name, out[name])
+        assert out[name]["error"]["message"]
+    assert out["unknown"]["id"] == 16
+    assert out["malformed"] == {
+        "id": None,
+        "error": {"code": "bad-request", "message": out["malformed"]["error"]["message"]},
+    }
+    assert out["still_fine"]["id"] == 22 and "result" in out["still_fine"]
+
+
+async def test_subscribe_backlog_live_cancel_and_busy(home: Home) -> None:
+    with trio.fail_after(60):
+        async with daemon(home, NodeOptions(listen=LOOPBACK)) as (node, _):
+            first = await node.put(b"one", key="k/1")
+            await node.put(b"two", key="k/2")
+            sock = home.path / SOCKET_NAME
+
+            def script() -> dict[str, Any]:
+                c, writer = Line(sock), Line(sock)
+                c.send({"id": "sub", "method": "subscribe", "params": {"after": first.cursor}})
+                backlog = c.read()
+                writer.call("put", 1, key="k/3", text="three")  # while subscribed
+                live = c.read()
+                c.send({"id": 5, "method": "ls"})
+                busy = c.read()
+                c.send({"id": 6, "method": "cancel"})
+                done = c.read()
+                after = c.call("whoami", 7)  # the connection is usable again
+                c.close()
+                writer.close()
+                return {
+                    "backlog": backlog,
+                    "live": live,
+                    "busy": busy,
+                    "done": done,
+                    "after": after,
+                }
+
+            out = await in_thread(script)
+    assert out["backlog"]["id"] == "sub"
+    assert out["backlog"]["event"]["type"] == "entry-added"
+    assert out["backlog"]["event"]["entry"]["key"] == "k/2"  # after the cursor: not k/1
+    assert out["live"]["event"]["entry"]["key"] == "k/3"
+    assert out["live"]["event"]["entry"]["cursor"] > out["backlog"]["event"]["entry"]["cursor"]
+    assert out["busy"] == {"id": 5, "error": out["busy"]["error"]}
+    assert out["busy"]["error"]["code"] == "busy"
+    assert out["done"] == {"id": "sub", "result": {"done": True, "cancelled": True}}
+    assert "result" in out["after"]
+
+
+async def test_subscribe_reports_peers_and_their_entries(make_home: Callable[..., Home]) -> None:
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(60):
+        async with daemon(a_home, NodeOptions(listen=LOOPBACK)) as (a, _):
+            await a.put(b"from a", key="a/note")
+            c = await in_thread(Line, a_home.path / SOCKET_NAME)
+            wanted = ["peer-connected", "entry-added", "peer-disconnected"]
+            c.send({"id": 1, "method": "subscribe", "params": {"events": wanted}})
+            own = (await in_thread(c.read))["event"]  # the stream is open before B appears
+            assert own["entry"]["key"] == "a/note"
+            peer_a = StaticPeer(a.node_id, ("127.0.0.1", a.endpoint.local_address[1]))
+            async with open_node(b_home, NodeOptions(listen=LOOPBACK, peers=(peer_a,))) as b:
+                await b.put(b"from b", key="b/note")
+                events = [(await in_thread(c.read))["event"] for _ in range(2)]
+            events.append((await in_thread(c.read))["event"])
+            c.close()
+    by_type = {e["type"]: e for e in events}
+    assert by_type["peer-connected"]["node_id"] == str(b.node_id)
+    assert by_type["peer-connected"]["path"] == "direct"
+    assert by_type["entry-added"]["entry"]["key"] == "b/note"
+    assert by_type["entry-added"]["entry"]["author"] == str(b.node_id)
+    assert events[-1]["type"] == "peer-disconnected"
+
+
+async def test_clients_leaving_mid_subscribe_leave_nothing_behind(home: Home) -> None:
+    """More stream clients than the connection limit come and go; the daemon still serves."""
+    with trio.fail_after(90):
+        async with daemon(home, NodeOptions(listen=LOOPBACK)) as (node, server):
+            await node.put(b"x", key="x")
+            sock = home.path / SOCKET_NAME
+
+            def come_and_go(count: int) -> None:
+                for _ in range(count):
+                    c = Line(sock)
+                    c.call("subscribe", 1)  # reads the first event, then vanishes
+                    c.close()
+                    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    raw.connect(str(sock))  # and one that subscribes and never reads
+                    raw.sendall(b'{"id": 1, "method": "subscribe"}\n')
+                    raw.close()
+
+            await in_thread(come_and_go, 40)  # 80 streams > CONTROL_MAX_CLIENTS
+            for _ in range(1000):  # each EOF cancels its stream; fail_after bounds this
+                if not server.clients:
+                    break
+                await trio.sleep(0.05)
+            assert server.clients == 0
+            client = await in_thread(connect_if_running, home.path)
+            assert client is not None
+            with client:
+                assert (await in_thread(client.call, "whoami"))["node_id"] == str(node.node_id)
+                with pytest.raises(DaemonError) as error:
+                    await in_thread(client.call, "nope")
+                assert error.value.code == "unknown-method"
+                events = []
+
+                def follow() -> None:
+                    for event in client.stream("subscribe", {"after": 0}):
+                        events.append(event)
+                        break  # closing the generator cancels the stream
+
+                await in_thread(follow)
+                assert events[0]["entry"]["key"] == "x"
+                assert (await in_thread(client.call, "pull", {"after": 0}))["cursor"] >= 1
+            assert server.crashes == 0

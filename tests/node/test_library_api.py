@@ -1,0 +1,308 @@
+"""The library API as an app uses it: put/get/pull/subscribe/delete/events on real nodes.
+
+The promise under test: every change (local or from a peer) reaches an app
+that follows ``pull`` then ``subscribe`` exactly once, in cursor order, even
+across a restart of the node; deletes are tombstones that sync.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+import p2psync
+from p2psync import defaults
+from p2psync.api import (
+    Change,
+    PeerConnected,
+    PeerDisconnected,
+    RateMeter,
+    SyncProgress,
+    TransferTracker,
+)
+from p2psync.crypto.group import GroupSecret
+from p2psync.errors import LocalProtocolError, NotFound
+from p2psync.home import Home
+from p2psync.node import Node, NodeOptions, StaticPeer
+from p2psync.store import BlobPending
+
+LOOPBACK = ("127.0.0.1", 0)
+
+
+async def collect(node: Node, after: int, count: int) -> tuple[list[Change], int]:
+    """The next ``count`` changes after ``after`` via subscribe, and the cursor reached."""
+    seen: list[Change] = []
+    subscription = node.subscribe(after=after)
+    async for change in subscription:
+        seen.append(change)
+        if len(seen) == count:
+            break
+    return seen, subscription.cursor
+
+
+async def arrival(node: Node, key: str) -> Change:
+    """Wait for the first change of ``key`` to reach ``node`` (its blob may be pending)."""
+    async for change in node.subscribe(after=0):
+        if change.key == key:
+            return change
+    raise AssertionError("unreachable: subscribe never ends")
+
+
+def assert_exactly_once(changes: list[Change]) -> None:
+    cursors = [c.cursor for c in changes]
+    assert cursors == sorted(set(cursors)), "cursors must rise strictly: no repeats, in order"
+    ids = [(c.author, c.seq) for c in changes]
+    assert len(ids) == len(set(ids)), "an entry was delivered twice"
+
+
+def peer_of(node: Node) -> StaticPeer:
+    return StaticPeer(node.node_id, ("127.0.0.1", node.endpoint.local_address[1]))
+
+
+async def test_put_get_every_source_and_meta(tmp_path: Path) -> None:
+    home = p2psync.init(tmp_path / "a", name="a")
+    p2psync.create_group(home)
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"quarterly numbers\n")
+    big = os.urandom(3 * defaults.CHUNK_SIZE + 17)
+    with trio.fail_after(30):
+        async with p2psync.open_node(home, NodeOptions(listen=LOOPBACK)) as node:
+            note = await node.put(b"buy milk", key="notes/today", meta={"pinned": True, "n": 2})
+            assert (note.kind, note.key, note.size, note.pending) == (
+                "put",
+                "notes/today",
+                8,
+                False,
+            )
+            assert dict(note.meta) == {"pinned": True, "n": 2}
+            from_path = await node.put(source)  # a path: key defaults to the file name
+            assert (from_path.key, from_path.name, from_path.content_type) == (
+                "report.txt",
+                "report.txt",
+                "text/plain",
+            )
+            done: list[int] = []
+            streamed = await node.put(io.BytesIO(big), key="big.bin", progress=done.append)
+            assert streamed.size == len(big) and done[-1] == len(big) and len(done) == 4
+
+            assert await node.get("notes/today") == b"buy milk"
+            assert await node.get(str(streamed.blob)) == big  # by blob id too
+            chunks = [chunk async for chunk in node.get_stream("big.bin")]
+            assert b"".join(chunks) == big and len(chunks) == 4
+            out = tmp_path / "copy.bin"
+            assert await node.get_to_path("big.bin", out) == len(big)
+            assert out.read_bytes() == big
+
+            with pytest.raises(LocalProtocolError, match="needs a key"):
+                await node.put(b"no key")
+            with pytest.raises(LocalProtocolError, match="values are"):
+                await node.put(b"x", key="k", meta={"bad": 1.5})  # type: ignore[dict-item]
+            with pytest.raises(NotFound):
+                await node.get("no/such/key")
+            with pytest.raises(NotFound):
+                [c async for c in node.get_stream("no/such/key")]
+
+            page = await node.pull(after=0, limit=2)
+            assert [c.kind for c in page] == ["member", "put"] and page.more
+            rest = await node.pull(after=page.cursor)
+            assert [c.key for c in rest] == ["report.txt", "big.bin"] and not rest.more
+            assert (await node.pull(after=rest.cursor)).changes == ()
+            with pytest.raises(LocalProtocolError):
+                await node.pull(after=0, limit=defaults.PULL_MAX_LIMIT + 1)
+
+
+async def test_pull_then_subscribe_misses_nothing_while_writes_race(tmp_path: Path) -> None:
+    home = p2psync.init(tmp_path / "a")
+    p2psync.create_group(home)
+    writes = 300
+    with trio.fail_after(60):
+        async with p2psync.open_node(home, NodeOptions(listen=LOOPBACK)) as node:
+
+            async def writer() -> None:
+                for i in range(writes):
+                    await node.put(b"%d" % i, key=f"race/{i}")
+                    if i % 7 == 0:
+                        await trio.lowlevel.checkpoint()
+
+            seen: list[Change] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                cursor = 0
+                for _ in range(3):  # a few pages while the writer runs
+                    page = await node.pull(after=cursor, limit=20)
+                    seen.extend(page)
+                    cursor = page.cursor
+                more, _ = await collect(node, cursor, writes + 1 - len(seen))
+                seen.extend(more)
+            assert_exactly_once(seen)
+            assert {c.key for c in seen if c.kind == "put"} == {f"race/{i}" for i in range(writes)}
+
+
+async def test_subscribe_follows_a_peer_across_a_restart(
+    make_home: Callable[..., Home],
+) -> None:
+    """Entries from B reach A's app once each: before, during and after A restarts."""
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    first, during, after = 40, 30, 20
+    total = first + during + after
+    with trio.fail_after(120):
+        async with (
+            p2psync.open_node(b_home, NodeOptions(listen=LOOPBACK)) as b,
+            b.events() as events,
+        ):
+            a_options = NodeOptions(listen=LOOPBACK, peers=(peer_of(b),))
+            async with p2psync.open_node(a_home, a_options) as a:
+                connected = await events.__anext__()
+                assert isinstance(connected, PeerConnected)
+                assert connected.node_id == str(a.node_id) and connected.path == "direct"
+                for i in range(first):
+                    await b.put(b"b%d" % i, key=f"b/{i}")
+                # The app processes only half of them before A stops.
+                seen, saved = await collect(a, 0, first // 2)
+            # A is down: B keeps writing (local first).
+            for i in range(first, first + during):
+                await b.put(b"b%d" % i, key=f"b/{i}")
+            async with p2psync.open_node(a_home, a_options) as a2:
+                for i in range(first + during, total):
+                    await b.put(b"b%d" % i, key=f"b/{i}")
+                rest, _ = await collect(a2, saved, total - len(seen))
+                seen.extend(rest)
+                assert await a2.get(f"b/{total - 1}", wait=True) == b"b%d" % (total - 1)
+    assert_exactly_once(seen)
+    puts = [c for c in seen if c.kind == "put"]
+    assert [c.key for c in puts] == [f"b/{i}" for i in range(total)]  # B's order is kept
+    assert {c.author for c in puts} == {str(b.node_id)}
+
+
+async def test_delete_is_a_tombstone_that_syncs(make_home: Callable[..., Home]) -> None:
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(60):
+        async with p2psync.open_node(a_home, NodeOptions(listen=LOOPBACK)) as a:
+            b_options = NodeOptions(listen=LOOPBACK, peers=(peer_of(a),))
+            async with p2psync.open_node(b_home, b_options) as b:
+                start = (await b.pull(after=0)).cursor
+                big = os.urandom(2 * defaults.CHUNK_SIZE)
+                put = await a.put(big, key="doomed")
+                objects_before = a.store.stats()["objects"]
+                await arrival(b, "doomed")
+                assert await b.get("doomed", wait=True) == big
+
+                tombstone = await a.delete("doomed")
+                assert (tombstone.kind, tombstone.seq) == ("delete", put.seq + 1)
+                assert a.store.stats()["objects"] < objects_before  # chunks freed at once
+                with pytest.raises(NotFound, match="was deleted"):
+                    await a.get("doomed")
+                with pytest.raises(NotFound, match="no key named"):
+                    await a.delete("doomed")  # nothing live to delete
+                with pytest.raises(NotFound, match="no key named"):
+                    await a.delete("never-existed")
+                assert all(row["key"] != "doomed" for row in await a.ls())
+
+                # B's app sees the put, then the tombstone, in order.
+                changes, _ = await collect(b, start, 2)
+                assert [(c.kind, c.key, c.deleted) for c in changes] == [
+                    ("put", "doomed", False),
+                    ("delete", "doomed", True),
+                ]
+                assert changes[1].blob is None and changes[1].size == 0
+                with pytest.raises(NotFound, match="was deleted"):
+                    await b.get("doomed")
+
+                # A write after the delete brings the key back, everywhere.
+                await b.put(b"back again", key="doomed")
+                revived, _ = await collect(a, tombstone.cursor, 1)
+                assert revived[0].kind == "put" and not revived[0].deleted
+                assert await a.get("doomed", wait=True) == b"back again"
+
+
+async def test_events_report_peers_and_transfer_progress(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", 0.05)  # sample often: see progress
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    big = os.urandom(24 * defaults.CHUNK_SIZE)
+    with trio.fail_after(90):
+        async with (
+            p2psync.open_node(a_home, NodeOptions(listen=LOOPBACK)) as a,
+            a.events() as events,
+        ):
+            b_options = NodeOptions(listen=LOOPBACK, peers=(peer_of(a),))
+            async with p2psync.open_node(b_home, b_options) as b:
+                put = await b.put(big, key="video.bin")
+                await arrival(a, "video.bin")
+                assert await a.get("video.bin", wait=True) == big
+                [peer] = a.peers()
+                assert peer.node_id == str(b.node_id) and peer.connected
+                assert peer.path == "direct" and peer.bytes_in > len(big)
+                assert a.status()["peers"][0]["node_id"] == str(b.node_id)
+            received = []
+            with trio.move_on_after(10):  # until B is gone and progress reported
+                async for event in events:
+                    received.append(event)
+                    gone = any(isinstance(e, PeerDisconnected) for e in received)
+                    if gone and not a.transfers():
+                        break
+    kinds = [type(e) for e in received]
+    assert kinds[0] is PeerConnected and kinds[-1] is PeerDisconnected
+    progress = [e.transfer for e in received if isinstance(e, SyncProgress)]
+    # How many samples land inside the transfer depends on the machine; what
+    # is reported must be sane: for this blob, rising, and ending complete.
+    assert all(t.blob == put.blob and t.key == "video.bin" for t in progress)
+    assert [t.bytes_done for t in progress] == sorted(t.bytes_done for t in progress)
+    if progress:
+        assert progress[-1].complete and progress[-1].bytes_done == len(big)
+    assert a.transfers() == []
+
+
+def test_transfer_tracker_reports_progress_rate_and_completion() -> None:
+    tracker = TransferTracker(chunk_size=100)
+    blob, other = b"\x01" * 32, b"\x02" * 32
+    tracker.track(blob, "k", 450)
+    tracker.track(other, "gone", 100)
+    assert tracker.update({blob: (0, 5), other: (0, 1)}, now=10.0) == []
+    [moved] = tracker.update({blob: (2, 5), other: None}, now=11.0)  # other: overwritten
+    assert (moved.bytes_done, moved.bytes_total, moved.complete) == (200, 450, False)
+    assert moved.rate == pytest.approx(100.0)  # (200 - 0) B / 1 s, half-weighted
+    assert other not in tracker
+    [last] = tracker.update({blob: (5, 5)}, now=12.0)
+    assert (last.bytes_done, last.complete) == (450, True)
+    assert len(tracker) == 0 and tracker.transfers() == []
+
+
+def test_rate_meter_smooths_and_survives_counter_resets() -> None:
+    meter = RateMeter(smoothing=0.5)
+    assert meter.sample("x", 0, 0.0) == 0.0
+    assert meter.sample("x", 1000, 1.0) == 500.0
+    assert meter.sample("x", 2000, 2.0) == 750.0
+    assert meter.sample("x", 10, 3.0) == 0.0  # a new connection: counters restart
+    assert meter.rate("x") == 0.0 and meter.rate("never") == 0.0
+
+
+async def test_get_wait_false_says_pending(make_home: Callable[..., Home]) -> None:
+    """A change from a peer whose blob cannot arrive (the peer is gone) is pending."""
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(60):
+        async with p2psync.open_node(b_home, NodeOptions(listen=LOOPBACK)) as b:
+            put = await b.put(os.urandom(defaults.CHUNK_SIZE + 1), key="half")
+            raw = b.store.entries_after(b.node_id, 0, 100)
+        async with p2psync.open_node(a_home, NodeOptions(listen=LOOPBACK)) as a:
+            # The entry arrives (as if B vanished right after announcing it).
+            await a.locked(a.store.insert_entries, raw, now_ms=put.time_ms)
+            changes, _ = await collect(a, 0, len(raw))
+            [pending] = [c for c in changes if c.key == "half"]
+            assert pending.pending and pending.blob == put.blob
+            with pytest.raises(BlobPending):
+                await a.get("half")
+            with trio.move_on_after(1.5) as waited:
+                await a.get("half", wait=True)
+            assert waited.cancelled_caught

@@ -1,0 +1,329 @@
+"""Store-and-forward through a real relayd's mailbox, with real nodes on loopback.
+
+Device A writes while B is off; A goes away; B comes online and gets
+everything from relayd, which held only ciphertext. And relayd killed with
+SIGKILL in the middle of pushes loses nothing it acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2psync.crypto.group import GroupSecret, mailbox_key
+from p2psync.crypto.identity import Identity
+from p2psync.home import Home
+from p2psync.mailbox_sync import MailboxClient
+from p2psync.net.endpoint import EndpointConfig, open_endpoint
+from p2psync.net.relay_client import RelayClient, RelayClientConfig, open_relay_client
+from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+from p2psync.proto import mailbox as wire
+from p2psync.proto.entry import Kind, decode_entry_untrusted, sign_entry
+from p2psync.proto.relay import RELAY_ALPN
+from p2psync.store.objects import OVERHEAD, Meta, ObjectKind, object_id, seal, seal_meta
+from relayd.config import HostPort, RelaydConfig
+from relayd.relay import RelaydAddresses, load_or_create_identity, serve
+
+from .conftest import wait_until
+
+LOOPBACK = ("127.0.0.1", 0)
+KNOWN = b"KNOWN-PLAINTEXT-7f3a9c"  # written by A; must never appear on relayd's disk
+FAST = RelayClientConfig(backoff_initial=0.05, backoff_max=0.5, ping_interval=1.0)
+
+
+@asynccontextmanager
+async def relay_with_data(data: Path) -> AsyncIterator[RelaydAddresses]:
+    config = RelaydConfig(
+        listen=HostPort("127.0.0.1", 0), http=HostPort("127.0.0.1", 0), data_dir=str(data)
+    )
+    async with trio.open_nursery() as nursery:
+        addresses: RelaydAddresses = await nursery.start(partial(serve, config))
+        yield addresses
+        nursery.cancel_scope.cancel()
+
+
+def relay_text(relay: RelaydAddresses) -> str:
+    return f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+
+
+def block_direct_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2psync.net.endpoint import Endpoint
+
+    monkeypatch.setattr(Endpoint, "add_candidate", lambda self, node_id, address: None)
+
+
+def complete_keys(node: Node) -> set[str]:
+    return {s.key or "" for s in node.store.live() if s.complete}
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` (the mailbox's state lives in another task); callers bound it."""
+    while not predicate():  # noqa: ASYNC110 -- no event to wait on for these counters
+        await trio.sleep(0.05)
+
+
+async def test_offline_device_gets_everything_from_the_mailbox(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A writes 100 entries and a 32 MiB file while B is off; A leaves; B comes and gets it all."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    data = tmp_path / "relay-data"
+    big = random.Random(9).randbytes(32 * 1024 * 1024)
+    notes = {f"notes/{i:03d}": KNOWN + b" note %d" % i for i in range(100)}
+    with trio.fail_after(240):
+        async with relay_with_data(data) as relay:
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay))
+            async with open_node(a_home, options) as a:
+                for key, value in notes.items():
+                    await a.put_bytes(value, key=key)
+                await a.put_bytes(big, key="files/big.bin")
+                # A is alone online: it pushes until nothing is pending.
+                await until(
+                    lambda: (
+                        a.mailbox is not None
+                        and a.mailbox.pending_uploads == 0
+                        and a.mailbox.stats.pushed_entries >= 101
+                    )
+                )
+                status = a.status()["mailbox"]
+                assert status["state"] == "connected" and status["push_cursor"] > 0
+                assert status["quota_used"] > len(big)
+                # One chunk per note; a manifest and 32 chunks for the big file.
+                assert status["pushed_objects"] == 100 + 33
+            # A is gone. B was never online with it.
+            async with open_node(b_home, options) as b:
+                wanted = {*notes, "files/big.bin"}
+                await wait_until(b, lambda: wanted <= complete_keys(b))
+                for key, value in notes.items():
+                    assert await b.get_bytes(key) == value
+                got = await b.get_bytes("files/big.bin")
+                assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+                status = b.status()["mailbox"]
+                assert status["pulled_entries"] == 101 and status["rejected"] == 0
+                assert status["pull_cursor"] == status["head"] == 101 + 100 + 33
+                assert b.peers() == []  # no peer ever: all of it came through the mailbox
+    # relayd's data directory holds ciphertext only.
+    assert files_containing(data, KNOWN) == []
+    assert files_containing(data, b"notes/0") == []  # keys are sealed too
+    assert files_containing(data, big[1000:1064]) == []
+    assert any(p.stat().st_size > 1024 * 1024 for p in data.rglob("*") if p.is_file())
+
+
+async def test_same_entry_from_peer_and_mailbox_is_stored_once(
+    make_home: Callable[..., Home], tmp_path: Path
+) -> None:
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data") as relay:
+            a_options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="always")
+            async with open_node(a_home, a_options) as a:
+                b_options = NodeOptions(
+                    listen=LOOPBACK,
+                    relay=relay_text(relay),
+                    peers=(StaticPeer(a.node_id, ("127.0.0.1", a.endpoint.local_address[1])),),
+                )
+                async with open_node(b_home, b_options) as b:
+                    await wait_until(b, lambda: a.node_id in b.active)
+                    for i in range(20):
+                        await a.put_bytes(b"value %d" % i, key=f"k{i}")
+                    await wait_until(b, lambda: len(complete_keys(b)) == 20)
+                    # Wait until B has pulled A's pushes too (both paths delivered).
+                    assert b.mailbox is not None
+                    stats = b.mailbox.stats
+                    await until(lambda: stats.pulled_entries + stats.pulled_duplicates >= 20)
+                    assert stats.rejected == 0
+                    assert b.store.stats()["entries"] == 20
+                    assert b.status()["mailbox"]["holding_back"] is False
+
+
+async def test_auto_mode_holds_back_while_every_device_is_connected(
+    make_home: Callable[..., Home], tmp_path: Path
+) -> None:
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data") as relay:
+            a_options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay))
+            async with open_node(a_home, a_options) as a:
+                b_options = NodeOptions(
+                    listen=LOOPBACK,
+                    relay=relay_text(relay),
+                    mailbox="pull",
+                    peers=(StaticPeer(a.node_id, ("127.0.0.1", a.endpoint.local_address[1])),),
+                )
+                async with open_node(b_home, b_options) as b:
+                    await wait_until(b, lambda: a.node_id in b.active)
+                    await wait_until(a, lambda: b.node_id in a.active)
+                    # B wrote something: A now knows B as an author of the group.
+                    await b.put_bytes(b"from b", key="b-key")
+                    await wait_until(a, lambda: "b-key" in complete_keys(a))
+                    await a.put_bytes(b"while b is here", key="held")
+                    assert a.mailbox is not None
+                    mailbox = a.mailbox
+                    await until(lambda: mailbox.holding_back)
+                    assert a.mailbox.stats.pushed_entries == 0
+                    assert b.mailbox is not None and b.mailbox.stats.pushed_entries == 0
+                # B went away: A pushes what B might still miss.
+                await until(lambda: mailbox.pending_uploads == 0)
+                assert mailbox.stats.pushed_entries >= 1
+
+
+# --- relayd SIGKILLed during pushes ----------------------------------------------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def relayd_process(data: Path, udp: int, http: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    argv = [sys.executable, "-m", "relayd", "--data", str(data), "--listen",
+            f"127.0.0.1:{udp}", "--http", f"127.0.0.1:{http}"]  # fmt: skip
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(argv, stderr=sink, stdout=sink)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+async def wait_logged(log: Path, text: bytes, proc: subprocess.Popen[bytes], count: int) -> None:
+    def logged() -> bool:
+        assert proc.poll() is None, log.read_bytes()[-2000:]
+        return log.read_bytes().count(text) >= count
+
+    await until(logged)
+
+
+async def test_relayd_sigkill_during_pushes_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    data, log = tmp_path / "relay-data", tmp_path / "relayd.log"
+    relay_identity, _ = load_or_create_identity(str(data))  # the subprocess loads this one
+    udp, http = free_udp_port(), free_tcp_port()
+    keys = GroupSecret.generate(os.urandom).keys()
+    key = mailbox_key(keys)
+    me = Identity.generate(os.urandom)
+    started_ms = time.time_ns() // 1_000_000
+    acked: dict[bytes, int] = {}  # content hash -> cursor relayd acknowledged
+    big_objects: dict[bytes, bytes] = {}
+
+    def entry(seq: int, prev: bytes, blob: bytes = b"", size: int = 0) -> bytes:
+        kind = Kind.PUT if blob else Kind.DELETE
+        return sign_entry(
+            me, group_id=keys.group_id, seq=seq, prev=prev, hlc=(started_ms + seq) << 16,
+            kind=kind, blob=blob, size=size,
+            meta=seal_meta(keys, Meta(key=f"k{seq}"), os.urandom),
+        ).encode()  # fmt: skip
+
+    async def push_until_broken(client: MailboxClient) -> None:
+        prev, seq = b"", 0
+        # The kill breaks the stream mid-push; anything else is a failure.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                seq += 1
+                if seq % 10 == 0:  # every tenth: a one-chunk blob of 1 MiB in a file
+                    sealed = seal(keys, ObjectKind.CHUNK, os.urandom(1024 * 1024))
+                    oid = object_id(sealed)
+                    raw = entry(seq, prev, oid, len(sealed) - OVERHEAD)
+                    await client.send(wire.PushEntry(raw))
+                    await client.send(wire.PushChunk(oid, oid, sealed))
+                    first = await client.expect(wire.Pushed)
+                    acked[hashlib.blake2b(raw).digest()] = first.cursor
+                    second = await client.expect(wire.Pushed)
+                    acked[oid] = second.cursor
+                    big_objects[oid] = sealed
+                else:
+                    raw = entry(seq, prev)
+                    pushed = await client.request(wire.PushEntry(raw), wire.Pushed)
+                    acked[hashlib.blake2b(raw).digest()] = pushed.cursor
+                prev = decode_entry_untrusted(raw).entry_id
+
+    config = EndpointConfig(bind_host="127.0.0.1", alpn=(RELAY_ALPN,))
+    with trio.fail_after(120):
+        async with (
+            open_endpoint(me, config) as endpoint,
+            open_relay_client(
+                endpoint, me, ("127.0.0.1", udp), relay_identity.node_id, (), config=FAST,
+                rng=random.Random(3),
+            ) as relay,
+        ):  # fmt: skip
+            with relayd_process(data, udp, http, log) as proc:
+                await wait_logged(log, b"relayd ready", proc, 1)
+                await relay.wait_connected()
+                async with (
+                    trio.open_nursery() as nursery,
+                    MailboxClient.open(relay, key, me.node_id, notify=False) as client,
+                ):
+                    nursery.start_soon(push_until_broken, client)
+                    await until(lambda: len(acked) >= 60)
+                    proc.send_signal(signal.SIGKILL)  # mid-push, no goodbye
+                    proc.wait(timeout=10)
+            assert len(acked) >= 60
+            with relayd_process(data, udp, http, log) as proc:
+                await wait_logged(log, b"relayd ready", proc, 2)
+                await relay.wait_connected()
+                await check_everything_acknowledged(relay, key, me, acked, big_objects)
+
+
+async def check_everything_acknowledged(
+    relay: RelayClient,
+    key: Identity,
+    me: Identity,
+    acked: dict[bytes, int],
+    big_objects: dict[bytes, bytes],
+) -> None:
+    while True:  # the client may still be reconnecting to the restarted relayd
+        try:
+            async with MailboxClient.open(relay, key, me.node_id, notify=False) as client:
+                held: dict[bytes, int] = {}
+                after = 0
+                while True:
+                    page = await client.request(wire.Pull(after, 1000), wire.Items)
+                    for item in page.items:
+                        if isinstance(item, wire.EntryItem):
+                            held[hashlib.blake2b(item.raw).digest()] = item.cursor
+                        else:
+                            held[item.object_id] = item.cursor
+                    if page.items:
+                        after = page.items[-1].cursor
+                    if not page.has_more:
+                        break
+                for name, cursor in acked.items():
+                    assert held.get(name) == cursor  # acknowledged: kept, same cursor
+                assert sorted(held.values()) == list(range(1, len(held) + 1))  # no gaps
+                for oid, sealed in big_objects.items():
+                    got = await client.request(wire.Fetch(oid), wire.ObjectData)
+                    assert got.data == sealed
+                return
+        except trio.BrokenResourceError:
+            await trio.sleep(0.1)

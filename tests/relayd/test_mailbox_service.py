@@ -1,0 +1,134 @@
+"""The mailbox service of a real relayd over loopback QUIC: proof, NOTIFY, metrics."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2psync.crypto.group import GroupSecret, mailbox_key
+from p2psync.crypto.identity import Identity
+from p2psync.mailbox_sync import MailboxClient, MailboxError
+from p2psync.net.endpoint import EndpointConfig, open_endpoint
+from p2psync.net.relay_client import RelayClient, RelayClientConfig, open_relay_client
+from p2psync.net.service_stream import ServiceRefused
+from p2psync.proto import mailbox as wire
+from p2psync.proto.entry import Kind, sign_entry
+from p2psync.proto.mailbox import MailboxErrorCode
+from p2psync.proto.relay import RELAY_ALPN
+from p2psync.proto.services import ServiceRefusal
+from p2psync.store.objects import Meta, seal_meta
+from relayd.config import HostPort, RelaydConfig
+from relayd.relay import RelaydAddresses, serve
+
+LOOPBACK = HostPort("127.0.0.1", 0)
+FAST = RelayClientConfig(backoff_initial=0.05, backoff_max=0.2, ping_interval=0.5)
+
+
+@asynccontextmanager
+async def relay_at(data: Path | None) -> AsyncIterator[RelaydAddresses]:
+    config = RelaydConfig(
+        listen=LOOPBACK, http=LOOPBACK, data_dir=None if data is None else str(data)
+    )
+    async with trio.open_nursery() as nursery:
+        addresses: RelaydAddresses = await nursery.start(partial(serve, config))
+        yield addresses
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def device(relay: RelaydAddresses) -> AsyncIterator[tuple[Identity, RelayClient]]:
+    identity = Identity.generate(os.urandom)
+    config = EndpointConfig(bind_host="127.0.0.1", alpn=(RELAY_ALPN,))
+    async with (
+        open_endpoint(identity, config) as endpoint,
+        open_relay_client(
+            endpoint, identity, relay.udp, relay.node_id, (), config=FAST, rng=random.Random(2)
+        ) as client,
+    ):
+        await client.wait_connected()
+        yield identity, client
+
+
+async def metrics(http: HostPort) -> str:
+    stream = await trio.open_tcp_stream(http.host, http.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while data := await stream.receive_some(65536):
+            chunks.append(data)
+    return b"".join(chunks).decode()
+
+
+def entry(identity: Identity, group_id: bytes, sealed_meta: bytes, seq: int, prev: bytes) -> bytes:
+    return sign_entry(
+        identity, group_id=group_id, seq=seq, prev=prev, hlc=(time.time_ns() // 1_000_000) << 16,
+        kind=Kind.DELETE, blob=b"", size=0, meta=sealed_meta,
+    ).encode()  # fmt: skip
+
+
+async def test_notify_proof_and_metrics_over_quic(tmp_path: Path) -> None:
+    keys = GroupSecret.generate(os.urandom).keys()
+    key = mailbox_key(keys)
+    meta = seal_meta(keys, Meta(key="k"), os.urandom)
+    with trio.fail_after(30):
+        async with (
+            relay_at(tmp_path / "data") as relay,
+            device(relay) as (a, a_relay),
+            device(relay) as (b, b_relay),
+        ):
+            # A stranger's key does not open the group's mailbox.
+            stranger = mailbox_key(GroupSecret.generate(os.urandom).keys())
+            stream = await b_relay.open_service(wire.SERVICE, wire.VERSION, wire.MAX_FRAME)
+            challenge = wire.decode_relay_to_node_untrusted(await stream.receive() or b"")
+            assert isinstance(challenge, wire.Challenge)
+            forged = wire.sign_join(stranger, relay.node_id, b.node_id, challenge.nonce)
+            await stream.send(wire.encode(wire.Join(key.node_id.raw, forged.proof, True)))
+            error = wire.decode_relay_to_node_untrusted(await stream.receive() or b"")
+            assert isinstance(error, wire.Error) and error.code == MailboxErrorCode.BAD_PROOF
+            assert await stream.receive() is None  # fatal: the relay ended the stream
+            await stream.aclose()
+            # Members: B listens, A pushes; B hears of it, A (the pusher) does not.
+            async with (
+                MailboxClient.open(b_relay, key, b.node_id, notify=True) as listener,
+                MailboxClient.open(a_relay, key, a.node_id, notify=True) as pusher,
+            ):
+                raw = entry(a, keys.group_id, meta, 1, b"")
+                pushed = await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                assert (pushed.cursor, pushed.new) == (1, True)
+                await listener.wait_notify(0)
+                assert listener.notified == 1
+                page = await listener.request(wire.Pull(0, 10), wire.Items)
+                assert page.items == (wire.EntryItem(1, raw),) and page.head == 1
+                assert pusher.notified == 0
+                with pytest.raises(MailboxError) as refused:
+                    await pusher.request(wire.PushEntry(b"\x93\x01\x02\x03"), wire.Pushed)
+                assert refused.value.code == MailboxErrorCode.BAD_ENTRY
+                # Not fatal: the stream goes on.
+                again = await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                assert (again.cursor, again.new) == (1, False)
+            text = await metrics(relay.http)
+    assert "relayd_mailbox_groups 1" in text
+    assert "relayd_mailbox_items 1" in text
+    assert 'relayd_mailbox_rejections_total{reason="bad-proof"} 1' in text
+    assert 'relayd_mailbox_rejections_total{reason="bad-entry"} 1' in text
+    assert 'relayd_mailbox_requests_total{op="push-entry",result="duplicate"} 1' in text
+    assert "relayd_mailbox_notifies_total 1" in text
+    assert 'relayd_mailbox_evictions_total{reason="expired"} 0' in text
+
+
+async def test_relay_without_data_dir_offers_no_mailbox() -> None:
+    key = mailbox_key(GroupSecret.generate(os.urandom).keys())
+    with trio.fail_after(20):
+        async with relay_at(None) as relay, device(relay) as (me, client):
+            with pytest.raises(ServiceRefused) as refused:
+                async with MailboxClient.open(client, key, me.node_id, notify=False):
+                    pass
+            assert refused.value.code == ServiceRefusal.UNKNOWN_SERVICE
