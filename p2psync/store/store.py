@@ -605,6 +605,7 @@ class Store:
                 except BadFrame as exc:
                     rejected.append((item.raw[:16], "malformed"))
                     log.warning("rejected malformed entry: %s", exc)
+            checks.cancel_unused()
             self._insert_rows(rows)
         return InsertResult(accepted, accepted_raws, duplicates, rejected)
 
@@ -1011,6 +1012,11 @@ class _VerifyJob:
         )
         self._result: list[Meta | str] | None = None
 
+    def cancel(self) -> None:
+        """Drop the job if no worker started it (its verdicts are not needed)."""
+        if self._result is None and self._future is not None:
+            self._future.cancel()
+
     def results(self) -> list[Meta | str]:
         if self._result is None:
             if self._future is None or self._future.cancel():  # not started: do it ourselves
@@ -1043,6 +1049,11 @@ class _Verifier:
             job = _VerifyJob(keyring, batch, pool)
             for position, index in enumerate(part):
                 self._where[index] = (job, position)
+
+    def cancel_unused(self) -> None:
+        """Cancel jobs whose entries were all rejected before their turn (a prediction miss)."""
+        for job, _ in self._where.values():
+            job.cancel()
 
     def verdict(self, index: int, entry: Entry, raw: bytes) -> Meta:
         """The opened meta of a signed, readable entry; else raise :class:`EntryRejected`."""
