@@ -1332,6 +1332,7 @@ async def _netcheck_loop(node: Node, relay: RelayClient) -> None:
             report = await netcheck_on_endpoint(node.endpoint, server, alt_port)
         except NetcheckFailed as exc:
             log.info("netcheck: %s", exc)
+            traversal.set_nat(NatKind.UNKNOWN)  # a verdict all the same: punch as best we can
         else:
             node.netcheck, node.netcheck_at = report, time.time()
             public = list(report.public)

@@ -95,8 +95,12 @@ on both sides; the other ports are closed (:class:`ClosePortFan`). Odds
 with the defaults (256 open ports among 64,512): 1 - (1 - 256/64512)^n =
 63 % after 256 probes (1 s), 98.3 % after 1024, 99.97 % after 2048 (8 s);
 the attempt gives up after ``hard_nat_window`` (15 s) and the pair stays
-relayed; another search follows no sooner than ``hard_nat_retry``. Both
-sides hard: no search (two random 16-bit ports do not meet in bounded time).
+relayed; another search follows no sooner than ``hard_nat_retry``. No
+search starts before our own netcheck verdict (:meth:`PathTable.set_our_nat`):
+spraying from behind a hard NAT of our own would only burn NAT sessions.
+Both sides hard: no search (two random 16-bit ports do not meet in bounded
+time), and unless a LAN candidate is still untried the attempt ends at once
+with that reason, so ``status`` says why within a round trip of learning it.
 
 Trust and limits: a CALL_ME_MAYBE is sealed by its sender's NodeId but may
 come from *any* NodeId the relay forwards, so what it can make us send is
@@ -453,6 +457,7 @@ class PathTable:
         self._relay_node_id: NodeId | None = None
         self._our_candidates: tuple[Candidate, ...] = ()
         self._our_nat = NatKind.UNKNOWN
+        self._nat_measured = False  # netcheck has given a verdict (UNKNOWN is one)
         self._our_networks: tuple[Network, ...] = ()
         self._peers: OrderedDict[NodeId, _Peer] = OrderedDict()
         self._sources: OrderedDict[Address, tuple[NodeId, float]] = OrderedDict()
@@ -509,7 +514,10 @@ class PathTable:
         return self._our_candidates
 
     def set_our_nat(self, nat: NatKind, now: float) -> None:
-        """Our NAT kind from netcheck; a change ends every peer's backoff."""
+        """Our NAT kind from netcheck (UNKNOWN: it could not tell); a change ends every
+        peer's backoff. Until the first call no hard-NAT search starts: a spray from
+        behind a hard NAT of our own is 2048 wasted NAT sessions."""
+        self._nat_measured = True
         if nat is not self._our_nat:
             self._our_nat = nat
             self._version += 1
@@ -954,6 +962,12 @@ class PathTable:
             self._start_attempt(node_id, peer, now, out)
         elif peer.cmm_version != self._version:
             self._call_me_maybe(node_id, peer, now, out)  # what we told the peer changed
+        if self._both_hard(peer) and not self._lan_hope(peer, now):
+            # Two endpoint-dependent mappings never meet: say so now, not after the
+            # window (the CALL_ME_MAYBE above already told the peer our NAT kind).
+            self._attempt_failed(node_id, peer, now, out)
+            wakes.append(peer.next_attempt_at)
+            return
         if peer.search is None:
             self._maybe_search(node_id, peer, now, out)
         assert peer.attempt_until is not None
@@ -1002,8 +1016,10 @@ class PathTable:
         address often arrive (in its CALL_ME_MAYBE) after our attempt began.
         """
         last_search = peer.last_search_at
-        if not self.hole_punching or (
-            last_search is not None and now - last_search < self._hard_retry
+        if (
+            not self.hole_punching
+            or not self._nat_measured  # netcheck first: checked again at the next poll
+            or (last_search is not None and now - last_search < self._hard_retry)
         ):
             return
         their_public = tuple(p.address for p in peer.paths.values() if p.reflexive)
@@ -1035,7 +1051,7 @@ class PathTable:
 
     def _attempt_failed(self, node_id: NodeId, peer: _Peer, now: float, out: list[Action]) -> None:
         probed = sum(1 for p in peer.paths.values() if p.state is PathState.PROBING)
-        if self._our_nat is NatKind.HARD and peer.their_nat is NatKind.HARD:
+        if self._both_hard(peer):
             reason = (
                 "both sides behind hard NAT (endpoint-dependent mapping): "
                 "no direct path possible, staying relayed"
@@ -1090,9 +1106,7 @@ class PathTable:
         our_public = {
             c.address[0] for c in self._our_candidates if c.kind is CandidateKind.REFLEXIVE
         }
-        lan_hope = any(
-            p.lan and self._state(p, now) is not PathState.FAILED for p in peer.paths.values()
-        )
+        lan_hope = self._lan_hope(peer, now)
         targets = []
         for path in peer.paths.values():
             if path.origin is Origin.PORT_FAN and path.last_heard is None:
@@ -1101,6 +1115,15 @@ class PathTable:
                 continue  # the peer is behind our own NAT: its LAN address, not a hairpin
             targets.append(path)
         return targets
+
+    def _both_hard(self, peer: _Peer) -> bool:
+        return self._our_nat is NatKind.HARD and peer.their_nat is NatKind.HARD
+
+    def _lan_hope(self, peer: _Peer, now: float) -> bool:
+        """A LAN candidate of the peer's that has not failed (yet)."""
+        return any(
+            p.lan and self._state(p, now) is not PathState.FAILED for p in peer.paths.values()
+        )
 
     def _cmm_candidates(self) -> tuple[Candidate, ...]:
         return self._our_candidates[:MAX_CANDIDATES]

@@ -444,9 +444,47 @@ def test_hard_on_both_sides_stays_relayed_and_says_why() -> None:
     report = a.table.report(b.node_id, a.net.now)
     assert report is not None and report.their_nat is NatKind.HARD
     assert report.last_failure is not None and "both sides behind hard NAT" in report.last_failure
+    first = b.table.report(a.node_id, a.net.now)
+    assert first is not None and first.last_failure_at is not None
     assert a.spray_probes == b.spray_probes == 0 and not a.fans and not b.fans
     assert a.cmm_sent <= 4  # backoff: attempts at 0, 15, 40, 85 s
     assert a.direct_datagrams == b.direct_datagrams == 0
+
+
+def test_no_search_before_our_netcheck_and_hard_hard_is_called_at_once() -> None:
+    peer = node(1)
+    table = PathTable(punch_window=5.0)
+    table.set_relay(True)
+    their_public = Candidate(("203.0.113.9", 4444), CandidateKind.REFLEXIVE)
+    table.call_me_maybe_received(peer, NatKind.HARD, [their_public], 0.0)
+    table.traffic(peer, 0.0)
+    actions = table.poll(0.0)  # punching, but no spray: we may be behind a hard NAT too
+    assert not any(isinstance(a, SprayPings | OpenPortFan) for a in actions)
+    pings = [a for a in actions if isinstance(a, SendPing)]
+    assert pings
+    for ping in pings:
+        table.ping_sent(peer, ping.address, TX, 0.0)
+    table.set_our_nat(NatKind.HARD, 1.0)  # netcheck: hard. Both hard: no direct path
+    actions = table.poll(1.0)
+    assert actions == [SendCallMeMaybe(peer, NatKind.HARD, ())]  # the peer learns why too
+    report = table.report(peer, 1.0)
+    assert report is not None and not report.punching and report.last_failure_at == 1.0
+    assert report.last_failure is not None and "both sides behind hard NAT" in report.last_failure
+    assert table.poll(2.0) == []  # backing off, nothing sent
+
+
+def test_a_lan_candidate_keeps_a_hard_hard_attempt_going() -> None:
+    peer = node(1)
+    table = PathTable(punch_window=5.0)
+    table.set_relay(True)
+    table.set_our_networks([ipaddress.ip_network("10.0.0.0/24")])
+    table.set_our_nat(NatKind.HARD, 0.0)
+    lan = Candidate(("10.0.0.7", 47300), CandidateKind.LOCAL)
+    table.call_me_maybe_received(peer, NatKind.HARD, [lan], 0.0)
+    table.traffic(peer, 0.0)
+    assert SendPing(peer, lan.address) in table.poll(0.0)
+    report = table.report(peer, 0.0)
+    assert report is not None and report.punching and report.last_failure is None
 
 
 def test_a_failed_search_gives_up_within_20_s_and_stays_relayed() -> None:
