@@ -35,6 +35,13 @@ The scenarios
     is under way an nft rule on a drops all UDP to and from b's public
     address. The pair must fall back to the relay (notes: how long it took)
     on the same connections, and every byte must arrive.
+``relay-upgrade`` (``a`` and ``b``, default ``easy``)
+    UDP between the sites is dropped (nft on a), so the pair meets on the
+    relay, which relayd holds to :data:`UPGRADE_RELAY_RATE`; a puts a
+    24 MiB file, and once b receives it the rule goes. The next punching
+    attempt must move the pair to a direct path mid-transfer (notes: how
+    long after the rule went), on the same connection, and every byte must
+    arrive.
 ``line-3``
     Three nodes where only neighbours can talk: ``a`` and ``c`` behind two
     separate ``easy`` NATs, ``b`` on a public (``none``) site between them.
@@ -314,11 +321,18 @@ class SyncRun:
         for host in hosts[1:]:
             shutil.copy2(first.home / "group.key", self.nodes[host].home / "group.key")
 
-    def start_relay(self) -> None:
+    def start_relay(self, config_toml: str | None = None) -> None:
+        """Start relayd on the relay host; ``config_toml``: a config file's text for it."""
         data = self.scratch / "relay-data"
         data.mkdir(exist_ok=True)
+        config: list[str] = []
+        if config_toml is not None:
+            path = self.scratch / "relayd.toml"
+            path.write_text(config_toml)
+            config = ["--config", str(path)]
         argv = python_module_argv(
             "relayd",
+            *config,
             "--listen",
             f"0.0.0.0:{RELAY_PORT}",
             "--http",
@@ -410,13 +424,18 @@ class SyncRun:
 
     def put_files(self, tag: str, size: int = PAYLOAD_SIZE) -> None:
         """Put one fresh random file of ``size`` bytes on every node under ``<tag>/<host>.bin``."""
-        for node in self.nodes.values():
-            data = os.urandom(size)
-            source = self.scratch / f"{tag}-{node.host}.bin"
-            source.write_bytes(data)
-            key = f"{tag}/{node.host}.bin"
-            self.cli(node, "put", str(source), "--key", key, "--json")
-            node.keys[key] = hashlib.sha256(data).hexdigest()
+        for host in self.nodes:
+            self.put_files_on(host, tag, size)
+
+    def put_files_on(self, host: str, tag: str, size: int = PAYLOAD_SIZE) -> None:
+        """Put one fresh random file of ``size`` bytes on ``host`` as ``<tag>/<host>.bin``."""
+        node = self.nodes[host]
+        data = os.urandom(size)
+        source = self.scratch / f"{tag}-{node.host}.bin"
+        source.write_bytes(data)
+        key = f"{tag}/{node.host}.bin"
+        self.cli(node, "put", str(source), "--key", key, "--json")
+        node.keys[key] = hashlib.sha256(data).hexdigest()
 
     def ok_keys(self, node: Node) -> set[str] | None:
         rows = self.cli_json(node, "ls")
@@ -502,6 +521,14 @@ class SyncRun:
                 return
             time.sleep(POLL_PAUSE_S)
         raise ScenarioError(f"no transfer started on {host} within {timeout_s:g} s")
+
+    def transfer_complete(self, host: str) -> bool:
+        """Whether ``host``'s status lists no incoming transfer still under way."""
+        state = self.cli_json(self.nodes[host], "status")
+        transfers = state.get("transfers") if isinstance(state, dict) else None
+        return isinstance(transfers, list) and not any(
+            isinstance(t, dict) and not t.get("complete") for t in transfers
+        )
 
     def watch_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[_PairWatch]:
         watches = []
@@ -950,6 +977,29 @@ BREAK_PAYLOAD_SIZE = 24 * 1024 * 1024
 BREAK_TABLE = "p2ps_break"
 
 
+def _block_udp(net: Network, host: str, peer: str) -> None:
+    """An nft table on ``host`` that drops all UDP to and from ``peer``'s public address
+    (the relay, on another address, still gets through)."""
+    peer_ip = net.public_address(peer)
+    net.run(
+        host,
+        ["nft", "-f", "-"],
+        name="block-direct",
+        input_text=(
+            f"table inet {BREAK_TABLE} {{\n"
+            "  chain out { type filter hook output priority 0; policy accept;\n"
+            f"    ip daddr {peer_ip} meta l4proto udp drop\n  }}\n"
+            "  chain in { type filter hook input priority 0; policy accept;\n"
+            f"    ip saddr {peer_ip} meta l4proto udp drop\n  }}\n"
+            "}\n"
+        ),
+    )
+
+
+def _unblock_udp(net: Network, host: str) -> None:
+    net.run(host, ["nft", "delete", "table", "inet", BREAK_TABLE], name="unblock-direct")
+
+
 def direct_break(options: ScenarioOptions) -> ScenarioResult:
     """``easy`` ↔ ``easy`` go direct; mid-transfer an nft rule on a drops all UDP between
     a and b's public address. The pair must fall back to the relay within seconds (the
@@ -974,20 +1024,7 @@ def direct_break(options: ScenarioOptions) -> ScenarioResult:
             run.put_files("big", BREAK_PAYLOAD_SIZE)
             run.wait_transfer_started("b", timeout_s=options.timeout_s)
             broke = time.monotonic() - run.t0
-            peer_ip = net.public_address("b")
-            net.run(
-                "a",
-                ["nft", "-f", "-"],
-                name="break-direct",
-                input_text=(
-                    f"table inet {BREAK_TABLE} {{\n"
-                    "  chain out { type filter hook output priority 0; policy accept;\n"
-                    f"    ip daddr {peer_ip} meta l4proto udp drop\n  }}\n"
-                    "  chain in { type filter hook input priority 0; policy accept;\n"
-                    f"    ip saddr {peer_ip} meta l4proto udp drop\n  }}\n"
-                    "}\n"
-                ),
-            )
+            _block_udp(net, "a", "b")
             progress(f"direct-break: direct path dropped at {broke:.1f} s")
             relay_at = run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s)
             if relay_at is not None:
@@ -1019,6 +1056,80 @@ def direct_break(options: ScenarioOptions) -> ScenarioResult:
         )
 
 
+UPGRADE_PAYLOAD_SIZE = 24 * 1024 * 1024
+"""The file ``a`` puts in ``relay-upgrade``."""
+UPGRADE_RELAY_RATE = 1024 * 1024
+"""relayd's per-node byte rate (and burst) in ``relay-upgrade``: the relayed part of the
+transfer takes ~20 s, so the upgrade is sure to land mid-transfer, whatever the CPU."""
+
+
+def relay_upgrade(options: ScenarioOptions) -> ScenarioResult:
+    """``easy`` ↔ ``easy`` with UDP between the sites dropped (nft on a): the pair starts on
+    the relay (held to :data:`UPGRADE_RELAY_RATE`) and a 24 MiB transfer from a begins
+    there; then the drop rule goes. The next punching attempt must move the same
+    connection to a direct path mid-transfer, and every byte must arrive."""
+    started = time.monotonic()
+    params = {
+        "a": str(options.a),
+        "b": str(options.b),
+        "file": f"{UPGRADE_PAYLOAD_SIZE >> 20} MiB",
+        "relay rate": f"{UPGRADE_RELAY_RATE >> 20} MiB/s",
+    }
+    progress = options.progress
+    topology = _two_sites(options.a, options.b)
+    with _scratch() as scratch, build(topology, output_base=options.output_base) as net:
+        progress(f"relay-upgrade: built run {net.run_id} (logs in {net.output_dir})")
+        run = SyncRun(net, scratch, progress)
+        watches = run.watch_pairs((("a", "b"),))
+        synced = False
+        relayed: int | None = None
+        try:
+            run.create_nodes(("a", "b"))
+            run.start_relay(
+                "[limits]\n"
+                f"bytes_per_second = {UPGRADE_RELAY_RATE}\n"
+                f"byte_burst = {UPGRADE_RELAY_RATE}\n"
+            )
+            _block_udp(net, "a", "b")
+            run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
+            if run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s) is None:
+                raise ScenarioError("the pair never met on the relay")
+            run.put_files_on("a", "big", UPGRADE_PAYLOAD_SIZE)
+            run.wait_transfer_started("b", timeout_s=options.timeout_s)
+            opened = time.monotonic() - run.t0
+            _unblock_udp(net, "a")
+            progress(f"relay-upgrade: direct UDP allowed at {opened:.1f} s, mid-transfer")
+            direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
+            if direct_at is not None:
+                complete = run.transfer_complete("b")
+                run.notes.append(
+                    f"allowed at {opened:.1f} s; direct {direct_at - opened:.1f} s later"
+                    + ("" if not complete else " (after the transfer had finished)")
+                )
+            synced = run.wait_synced(watches, timeout_s=options.timeout_s, settle_s=0)
+            if synced:
+                problems = run.verify_contents()
+                run.notes += problems
+                synced = not problems
+            relayed = run.relayed_bytes()
+        except NetsimError as exc:
+            run.notes.append(f"scenario failed: {exc}")
+            synced = False
+        finally:
+            run.stop_daemons()
+            run.stop_relay()
+        return _result(
+            "relay-upgrade",
+            params,
+            synced=synced,
+            watches=watches,
+            relayed_bytes=relayed,
+            notes=run.notes,
+            net=net,
+            started=started,
+        )
+
+
 SCENARIOS: dict[str, Callable[[ScenarioOptions], ScenarioResult]] = {
     "lan-pair": lan_pair,
     "pair": pair,
@@ -1028,6 +1139,7 @@ SCENARIOS: dict[str, Callable[[ScenarioOptions], ScenarioResult]] = {
     "pair-50ms": pair_50ms,
     "lan-relay": lan_relay,
     "direct-break": direct_break,
+    "relay-upgrade": relay_upgrade,
     "mailbox": lambda o: __import__("netsim.scenario_mailbox").scenario_mailbox.mailbox(o),
 }
 """Every scenario by its command-line name."""

@@ -1,5 +1,6 @@
 """NAT traversal under real kernel NAT (issue 6): the expected path per NAT pair, the LAN
-path behind a hairpinning router, and the fallback when a direct path breaks mid-transfer.
+path behind a hairpinning router, the upgrade from the relay to a direct path in the middle
+of a transfer, and the fallback when a direct path breaks mid-transfer.
 
 Each test runs one scenario of :mod:`netsim.scenarios` with real daemons and relayd
 (about 15-35 s each, bounded by the sync timeout) and checks that the run left no
@@ -102,4 +103,22 @@ def test_a_direct_path_broken_mid_transfer_falls_back_and_the_transfer_completes
     assert fell_back, result["notes"]
     seconds = float(fell_back[0].rsplit("on the relay ", 1)[1].split(" s")[0])
     assert seconds <= 20.0, fell_back  # heartbeat: 3 pings of 2 s unanswered (~6-8 s)
+    _assert_torn_down(result, run_namespaces)
+
+
+@pytest.mark.netsim
+def test_a_relayed_transfer_moves_to_a_direct_path_mid_transfer_and_loses_nothing(
+    netsim_out: Path, run_namespaces: RunNamespaces
+) -> None:
+    result = _run("relay-upgrade", netsim_out)
+    assert result["synced"], result["notes"]  # contents verified byte for byte
+    pair = _pair(result)
+    assert pair["path"] == "direct", (pair, result["notes"])
+    upgraded = [note for note in result["notes"] if note.startswith("allowed at")]
+    assert upgraded, result["notes"]
+    assert "after the transfer had finished" not in upgraded[0], upgraded
+    relayed = result["relayed_bytes"]
+    assert relayed is not None and relayed > 0  # the transfer began on the relay...
+    after = pair.get("relay_bytes_after_direct")
+    assert after is not None and after < 20_000, pair  # ...and left it
     _assert_torn_down(result, run_namespaces)
