@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     invite.add_argument("--qr", action="store_true", help="also show it as a QR code")
     invite.add_argument("--listen", metavar="HOST:PORT",
                         help="without a daemon: where to wait for the joiner")  # fmt: skip
-    invite.add_argument("--relay", metavar="NODEID@HOST:PORT",
+    invite.add_argument("--relay", metavar="[NODEID@]HOST:PORT",
                         help="without a daemon: the relay to use (default: config)")  # fmt: skip
     invite.add_argument(
         "--no-mdns",
@@ -668,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--name", help="a name for this device, shown to the others")
     join.add_argument(
         "--relay",
-        metavar="NODEID@HOST:PORT",
+        metavar="[NODEID@]HOST:PORT",
         help="where to look a short code up (default: relay in config.toml)",
     )
     join.add_argument("--no-mdns", action="store_true",
@@ -690,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--relay",
-        metavar="NODEID@HOST:PORT",
-        help="home relay (relayd prints its NodeId; default: relay in config.toml)",
+        metavar="[NODEID@]HOST:PORT",
+        help="home relay (without NODEID: pinned on first use; default: relay in config.toml)",
     )
     daemon.add_argument(
         "--relay-token-file",

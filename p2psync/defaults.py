@@ -293,6 +293,12 @@ LAN_DIAL_TIMEOUT = 3.0
 # Asking the relay where a peer is should take one round trip; give up on
 # the lookup (and dial over the relay anyway) after this long.
 RELAY_LOOKUP_TIMEOUT = 2.0
+# Asking a relay named by HOST:PORT for its NodeId (one QUIC handshake; a
+# relay that is down is retried with the relay client's backoff).
+RELAY_IDENTIFY_TIMEOUT = 10.0
+# Relays pinned on first use per home (known_relays.json): far more than
+# anyone configures; the oldest pin goes.
+KNOWN_RELAYS_MAX = 64
 
 # --- relay service streams (p2psync.proto.services) ---------------------------
 # Streams besides the relay stream a node may hold open on one relay

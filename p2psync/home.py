@@ -95,7 +95,10 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
         raise ConfigError(f"{source}: 'peers' must be a list of \"NODEID@HOST:PORT\" strings")
     relay = data.get("relay")
     if relay is not None and not isinstance(relay, str):
-        raise ConfigError(f"{source}: 'relay' must be a string like \"NODEID@relay.example:3478\"")
+        raise ConfigError(
+            f"{source}: 'relay' must be a string like \"relay.example:3478\" "
+            '(or "NODEID@relay.example:3478")'
+        )
     token_file = data.get("relay_token_file")
     if token_file is not None and (not isinstance(token_file, str) or not token_file.strip()):
         raise ConfigError(

@@ -62,9 +62,16 @@ from p2psync.crypto.identity import Identity, NodeId
 from p2psync.discovery.invites import WrongSecretHalf
 from p2psync.errors import BadFrame, ConfigError, IntegrityError, P2PSyncError
 from p2psync.home import Home
-from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
-from p2psync.net.relay_client import RelayClient, open_relay_client, parse_relay_address
+from p2psync.known_relays import KnownRelays, resolve_relay
+from p2psync.net.endpoint import ConnectFailed, Connection, Endpoint, EndpointConfig, open_endpoint
+from p2psync.net.relay_client import (
+    RelayClient,
+    RelayUnavailable,
+    open_relay_client,
+    parse_relay_address,
+)
 from p2psync.net.service_stream import ServiceRefused
+from p2psync.net.tls import PeerIdentityMismatch
 from p2psync.pairing import (
     CHALLENGE_SIZE,
     JOIN_CHALLENGE,
@@ -197,11 +204,13 @@ async def _fetch_ticket(client: RelayClient, code: ShortCode, keys: CodeKeys) ->
 
 @contextlib.asynccontextmanager
 async def _joiner_endpoint(
-    identity: Identity, relay_text: str | None
+    home: Home, identity: Identity, relay_text: str | None
 ) -> AsyncIterator[tuple[Endpoint, RelayClient | None, str | None]]:
     """An endpoint on an ephemeral port, with ``relay_text`` as its relay when it answers.
 
-    Yields ``(endpoint, relay client or None, why the relay is missing)``.
+    Yields ``(endpoint, relay client or None, why the relay is missing)``. A
+    relay named by ``HOST:PORT`` alone is identified and pinned first
+    (:mod:`p2psync.known_relays`).
     """
     config = EndpointConfig(bind_host="0.0.0.0", bind_port=0)
     if relay_text is None:
@@ -210,38 +219,44 @@ async def _joiner_endpoint(
         return
     relay_node_id, relay_address = parse_relay_address(relay_text)
     config = dataclasses.replace(config, alpn=(*config.alpn, RELAY_ALPN))
-    async with (
-        open_endpoint(identity, config) as endpoint,
-        open_relay_client(endpoint, identity, relay_address, relay_node_id) as client,
-    ):
-        with trio.move_on_after(RELAY_CONNECT_TIMEOUT):
-            await client.wait_connected()
-        if not client.connected:
-            why = f"relay {relay_address[0]}:{relay_address[1]} did not answer"
-            if client.last_error is not None:
-                why += f" ({client.last_error})"
-            log.warning("%s; going on without it", why)
-            yield endpoint, None, why
-            return
-        endpoint.set_relay(client.try_send, relay_node_id=client.relay_node_id)
+    async with open_endpoint(identity, config) as endpoint:
+        if relay_node_id is None:
+            try:
+                relay_node_id = await resolve_relay(endpoint, KnownRelays(home.path), relay_address)
+            except (ConnectFailed, RelayUnavailable, PeerIdentityMismatch) as exc:
+                why = f"relay {relay_address[0]}:{relay_address[1]}: {exc}"
+                log.warning("%s; going on without it", why)
+                yield endpoint, None, why
+                return
+        async with open_relay_client(endpoint, identity, relay_address, relay_node_id) as client:
+            with trio.move_on_after(RELAY_CONNECT_TIMEOUT):
+                await client.wait_connected()
+            if not client.connected:
+                why = f"relay {relay_address[0]}:{relay_address[1]} did not answer"
+                if client.last_error is not None:
+                    why += f" ({client.last_error})"
+                log.warning("%s; going on without it", why)
+                yield endpoint, None, why
+                return
+            endpoint.set_relay(client.try_send, relay_node_id=client.relay_node_id)
 
-        async def pump() -> None:
-            async for src, payload in client.received:
-                endpoint.receive_relayed(src, payload)
+            async def pump() -> None:
+                async for src, payload in client.received:
+                    endpoint.receive_relayed(src, payload)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump)
-                try:
-                    yield endpoint, client, None
-                finally:
-                    endpoint.set_relay(None)
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The caller's error, raised as itself (the pump only ends by cancellation).
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump)
+                    try:
+                        yield endpoint, client, None
+                    finally:
+                        endpoint.set_relay(None)
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The caller's error, raised as itself (the pump only ends by cancellation).
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
 
 async def _dial(
@@ -482,7 +497,7 @@ async def join_group(
         _check_ticket(ticket, identity)
         target = _Target(ticket.inviter, ticket.addresses, ticket.relay)
         relay_text = ticket.relay or relay
-        async with _joiner_endpoint(identity, relay_text) as (endpoint, client, _why):
+        async with _joiner_endpoint(home, identity, relay_text) as (endpoint, client, _why):
             secrets, address, via = await _pair(
                 endpoint, client, target, identity, ticket.invite_id, ticket.invite_secret, name
             )
@@ -495,7 +510,7 @@ async def join_group(
             "a short code is found on the LAN or through a relay: give --relay NODEID@HOST:PORT",
         )
     keys = await trio.to_thread.run_sync(code.derive_keys)
-    async with _joiner_endpoint(identity, relay_text) as (endpoint, client, why):
+    async with _joiner_endpoint(home, identity, relay_text) as (endpoint, client, why):
         target = await _find_by_code(code, keys, client, why, lan, identity.node_id)
         if target.inviter == identity.node_id:
             raise JoinRefused("self", "this is our own invite; run join on the other device")

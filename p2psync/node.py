@@ -88,8 +88,15 @@ from p2psync.errors import (
     P2PSyncError,
 )
 from p2psync.home import Home
+from p2psync.known_relays import KnownRelays, address_key, resolve_relay
 from p2psync.mailbox_sync import MailboxSync, check_mode, run_mailbox_sync
-from p2psync.net.endpoint import Connection, Endpoint, EndpointConfig, open_endpoint
+from p2psync.net.endpoint import (
+    ConnectFailed,
+    Connection,
+    Endpoint,
+    EndpointConfig,
+    open_endpoint,
+)
 from p2psync.net.interfaces import ipv4_addresses, parse_host_port
 from p2psync.net.netcheck import NatKind, NetcheckReport
 from p2psync.net.netcheck_shell import NetcheckFailed, netcheck_on_endpoint
@@ -97,9 +104,11 @@ from p2psync.net.paths import Origin
 from p2psync.net.relay_client import (
     RelayClient,
     RelayClientConfig,
+    RelayUnavailable,
     open_relay_client,
     parse_relay_address,
 )
+from p2psync.net.tls import PeerIdentityMismatch
 from p2psync.pairing import (
     CHALLENGE_SIZE,
     JOIN_CHALLENGE,
@@ -490,6 +499,7 @@ class Node:
         self._invite_ended: dict[bytes, trio.Event] = {}  # short codes waiting for their end
         self._dialing: set[NodeId] = set()
         self.relay: RelayClient | None = None
+        self.relay_error: str | None = None  # why a HOST:PORT relay is not identified yet
         self.netcheck: NetcheckReport | None = None  # the background netcheck's last report
         self.netcheck_at: float | None = None  # unix time of that report
         self.mailbox: MailboxSync | None = None  # while the relay runs (p2psync.mailbox_sync)
@@ -926,7 +936,7 @@ class Node:
             expires=invite.expires,
             invite_id=invite.invite_id,
             invite_secret=invite.secret,
-            relay=self.options.relay if self.relay is not None else None,
+            relay=self.relay.spec if self.relay is not None else None,
         )
 
     async def create_short_invite(
@@ -1034,17 +1044,26 @@ class Node:
     def _relay_status(self) -> dict[str, Any] | None:
         relay = self.relay
         if relay is None:
-            return None
+            if self.relay_error is None:
+                return None
+            return {  # a relay named by HOST:PORT that has not answered yet
+                "relay": self.options.relay,
+                "connected": False,
+                "last_error": self.relay_error,
+            }
         public = relay.our_public_address
         error = relay.last_error
         return {
-            "relay": f"{relay.relay_node_id}@{relay.relay_address[0]}:{relay.relay_address[1]}",
+            "relay": relay.spec,
             "connected": relay.connected,
             "rtt_ms": round(relay.rtt * 1000, 2) if relay.rtt is not None else None,
             "public_address": f"{public[0]}:{public[1]}" if public else None,
             # The relay's last fatal ERROR (e.g. "BAD_AUTH: missing or wrong access token").
             "last_error": _relay_error_text(error) if error is not None else None,
             "last_error_code": error.code if error is not None else None,
+            # Why the last connection attempt or session ended (e.g. another key at a
+            # pinned relay's address: "PeerIdentityMismatch: dialed ... but ...").
+            "last_failure": relay.last_failure,
             "relayed_bytes_sent": self.endpoint.stats.relay_bytes_sent,
             "relayed_bytes_received": self.endpoint.stats.relay_bytes_received,
         }
@@ -1277,9 +1296,31 @@ def _relay_error_text(error: RelayError) -> str:
 async def _run_relay(
     node: Node, relay_text: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Keep the home relay connection; carry relayed datagrams into the endpoint."""
+    """Keep the home relay connection; carry relayed datagrams into the endpoint.
+
+    A relay named by ``HOST:PORT`` alone is identified first (its NodeId pinned
+    on first use, :mod:`p2psync.known_relays`); while it does not answer we
+    retry with the relay client's backoff, and the node runs on without it.
+    """
     relay_node_id, relay_address = parse_relay_address(relay_text)
     check_mode(node.options.mailbox)
+    started = False
+    if relay_node_id is None:
+        known = KnownRelays(node.home.path)
+        config = RelayClientConfig()
+        delay = config.backoff_initial
+        while relay_node_id is None:
+            try:
+                relay_node_id = await resolve_relay(node.endpoint, known, relay_address)
+            except (ConnectFailed, RelayUnavailable, PeerIdentityMismatch) as exc:
+                node.relay_error = f"relay {address_key(relay_address)}: {exc}"
+                log.info("%s; retrying", node.relay_error)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, config.backoff_max)
+        node.relay_error = None
     host, port = node.endpoint.local_address
     published = [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
     if host not in ("0.0.0.0", ""):
@@ -1297,7 +1338,8 @@ async def _run_relay(
         node.endpoint.set_relay(
             relay.try_send, relay_node_id=relay.relay_node_id, datagram_size=relay.datagram_size
         )
-        task_status.started()
+        if not started:
+            task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_mailbox_sync, node, relay, node.options.mailbox)

@@ -812,8 +812,12 @@ class Connection(trio.abc.AsyncResource):
             self._streams.pop(stream.stream_id, None)
 
     def _check_identity(self) -> None:
-        """Dialer only: the certificate key must be the NodeId we dialed (see tls.py)."""
-        if self._verified or self._expected_node_id is None:
+        """Dialer only: the certificate key must be the NodeId we dialed (see tls.py).
+
+        A dial of nobody in particular (:meth:`Endpoint.identify`) takes the key the
+        certificate names instead; TLS 1.3's CertificateVerify proves its holder.
+        """
+        if self._verified:
             return
         tls_context = getattr(self._quic, "tls", None)
         certificate = getattr(tls_context, "_peer_certificate", None)
@@ -821,7 +825,13 @@ class Connection(trio.abc.AsyncResource):
             return
         self._verified = True
         try:
-            self.their_node_id = tls.check_peer_certificate(self._expected_node_id, certificate)
+            if self._expected_node_id is None:
+                found = tls.certificate_node_id(certificate)
+                if found is None:
+                    raise tls.PeerIdentityMismatch(None, "a non-Ed25519 key")
+                self.their_node_id = found
+            else:
+                self.their_node_id = tls.check_peer_certificate(self._expected_node_id, certificate)
         except tls.PeerIdentityMismatch as exc:
             self._quic.close(
                 error_code=tls.CRYPTO_ERROR_BAD_CERTIFICATE,
@@ -1149,6 +1159,48 @@ class Endpoint:
         if conn._failure is not None:
             raise conn._failure
         return conn
+
+    async def identify(self, address: Address) -> NodeId:
+        """The NodeId of whoever answers QUIC at ``address`` (trust on first use).
+
+        A full handshake (the peer proves it holds the key its certificate
+        names), then the connection is closed at once. For configuration that
+        names a relay by ``HOST:PORT`` only: the caller pins what this returns
+        and dials that NodeId from then on (:mod:`p2psync.known_relays`). No
+        disco ping goes first (a ping is sealed to a key we do not know yet).
+
+        Raises :class:`ConnectFailed` when nobody completes a handshake (cancel
+        it with a cancel scope for a deadline) and
+        :class:`p2psync.net.tls.PeerIdentityMismatch` for a certificate that
+        names no Ed25519 key, or ours.
+        """
+        self._check_open()
+        if len(self._connections) >= self.config.max_connections:
+            raise TooManyConnections(
+                f"already {len(self._connections)} connections; close some first"
+            )
+        address = _normalize(address)
+        quic = self._new_quic(self._client_config)
+        conn = Connection(self, quic, is_dialer=True, their_node_id=None, peer_address=address)
+        now = trio.current_time()
+        quic.connect(address, now=now)
+        self._register(conn, [quic.host_cid])
+        self._service(conn, now)
+        try:
+            await conn._handshake_done.wait()
+            if conn._failure is not None:
+                raise conn._failure
+            found = conn.their_node_id
+            assert found is not None  # _on_handshake_completed refuses a connection without
+            if found == self.node_id:
+                raise tls.PeerIdentityMismatch(None, "our own NodeId")
+            return found
+        finally:
+            if conn._usable():  # no await here: the close goes out even when cancelled
+                conn._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="identified")
+                conn._closed_by_us = True
+                self._service(conn, trio.current_time())
+                conn._shut_down(ResourceClosed("identified: closed"))
 
     async def accept(self) -> Connection:
         """Wait for the next connection a peer completes a handshake on."""

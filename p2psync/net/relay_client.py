@@ -32,10 +32,11 @@ Wire: :mod:`p2psync.proto.relay` on one bidirectional stream the client opens::
     -> SEND / LOOKUP / PING     <- RECV / NOT_HERE / LOOKUP_RESULT / PONG / ERROR
 
 Dialing needs the relay's NodeId: :meth:`p2psync.net.endpoint.Endpoint.connect`
-pins the certificate key of the peer it dials and has no "accept any key"
-mode yet. Relays are therefore configured as ``NODEID@HOST:PORT``
-(:func:`parse_relay_address`); relayd prints its NodeId at startup and
-serves it as ``relay_node_id`` in ``/health``.
+pins the certificate key of the peer it dials. A relay is configured as
+``NODEID@HOST:PORT`` (relayd prints its NodeId at startup and serves it as
+``relay_node_id`` in ``/health``) or as ``HOST:PORT``, whose NodeId the
+node learns once and pins (:mod:`p2psync.known_relays`) before it opens
+this client (:func:`parse_relay_address` parses both).
 
 The endpoint must offer ALPN ``p2psync-relay/1`` (``EndpointConfig.alpn``)
 for the relay to accept the connection.
@@ -241,6 +242,7 @@ class RelayClient:
         self.rtt: float | None = None
         self.max_payload = DEFAULT_MAX_PAYLOAD
         self.last_error: Error | None = None
+        self.last_failure: str | None = None  # why the last session ended (or never began)
         self._rng = rng
         self._deliver = deliver
         self._node_ids = NodeIdCache(1024)
@@ -257,6 +259,12 @@ class RelayClient:
         self._pong_lot = trio.lowlevel.ParkingLot()
         self._session_id = 0
         self._conn: Connection | None = None
+
+    @property
+    def spec(self) -> str:
+        """``NODEID@HOST:PORT``: this relay as config, tickets and status name it."""
+        host, port = self.relay_address
+        return f"{self.relay_node_id}@{f'[{host}]' if ':' in host else host}:{port}"
 
     def __repr__(self) -> str:
         return (
@@ -357,7 +365,8 @@ class RelayClient:
                 if not _only_expected(exc):
                     raise
                 self.stats.failures += 1
-                logger.info("relay %s: %s", self.relay_node_id.short(), _describe(exc))
+                self.last_failure = _describe(exc)
+                logger.info("relay %s: %s", self.relay_node_id.short(), self.last_failure)
             if self.stats.connects != connects:
                 delay = self.config.backoff_initial
             self.state = RelayState.BACKING_OFF
@@ -367,7 +376,7 @@ class RelayClient:
 
     async def _session(self) -> None:
         config = self.config
-        address = await _resolve(self.relay_address)
+        address = await resolve_relay_host(self.relay_address)
         with trio.fail_after(config.connect_timeout):
             conn = await self.endpoint.connect(self.relay_node_id, address)
         try:
@@ -546,7 +555,8 @@ class RelayClient:
             self.stats.tx_dropped += 1
 
 
-async def _resolve(address: Address) -> Address:
+async def resolve_relay_host(address: Address) -> Address:
+    """``address`` with its host name resolved (a numeric host as it is)."""
     host, port = address
     try:
         ipaddress.ip_address(host)
@@ -600,16 +610,15 @@ async def open_relay_client(
     """Keep a connection to the relay at ``relay_address`` while the block runs.
 
     Returns at once; use :meth:`RelayClient.wait_connected` to wait for the
-    first WELCOME. ``relay_node_id`` is required for now (see the module
-    docstring). ``rng`` draws backoff jitter and ping nonces. ``deliver``
-    takes relayed payloads in batches (see the module docstring); without
-    it they go to :attr:`RelayClient.received`.
+    first WELCOME. ``relay_node_id`` is required: a relay configured by ``HOST:PORT`` alone is
+    identified first (:func:`p2psync.known_relays.resolve_relay`). ``rng`` draws backoff
+    jitter and ping nonces. ``deliver`` takes relayed payloads in batches (see the module
+    docstring); without it they go to :attr:`RelayClient.received`.
     """
     if relay_node_id is None:
         raise LocalProtocolError(
             "the relay's NodeId is needed to dial it (Endpoint.connect pins the certificate "
-            "key): configure the relay as NODEID@HOST:PORT; relayd prints its NodeId at "
-            "startup and serves it as relay_node_id in /health"
+            "key): resolve a HOST:PORT relay with p2psync.known_relays.resolve_relay first"
         )
     if RELAY_ALPN not in endpoint.config.alpn:
         raise LocalProtocolError(

@@ -66,13 +66,18 @@ _NOT_AFTER: Final = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.
 
 
 class PeerIdentityMismatch(IntegrityError):
-    """The peer's TLS certificate key is not the NodeId we dialed."""
+    """The peer's TLS certificate key is not the NodeId we dialed (``expected`` None:
+    we dialed nobody in particular, and the key is no NodeId we can use)."""
 
-    def __init__(self, expected: NodeId, got: str) -> None:
-        super().__init__(
-            f"dialed {expected.short()} but the peer proved it is {got}; "
-            "the address belongs to another device (stale address book or an attack)"
-        )
+    def __init__(self, expected: NodeId | None, got: str) -> None:
+        if expected is None:
+            message = f"the peer's certificate names {got}: not a node we can talk to"
+        else:
+            message = (
+                f"dialed {expected.short()} but the peer proved it is {got}; "
+                "the address belongs to another device (stale address book or an attack)"
+            )
+        super().__init__(message)
         self.expected = expected
         self.got = got
 
