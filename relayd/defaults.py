@@ -21,8 +21,8 @@ HTTP_LISTEN = "127.0.0.1:9478"
 # The second STUN port is off unless asked for (3479 is the usual choice): a
 # node compares the mappings seen by both ports to tell easy from hard NAT.
 STUN_ALT_PORT: int | None = None
-# No data directory until invite and mailbox blobs exist: relayd keeps no
-# state on disk today, so it must not require a writable path.
+# No data directory unless asked for: without one relayd keeps no state on
+# disk (an ephemeral identity, no mailbox), so it needs no writable path.
 DATA_DIR: str | None = None
 LOG_LEVEL = "info"
 
@@ -146,6 +146,19 @@ MAILBOX_DROP_DELIVERED = False
 # Each stored item costs a row and index entries beyond its bytes; charging
 # this much per item keeps a flood of tiny items inside the quota's meaning.
 MAILBOX_ITEM_OVERHEAD_BYTES = 128
+# Cleanup deletes at most this many rows per transaction, and the service
+# releases its store lock between transactions: a push waits for one batch
+# (milliseconds), never for a whole cleanup of a large store.
+MAILBOX_CLEANUP_BATCH = 1000
+# Under quota pressure delivered items go oldest first, this many per step
+# until the push fits: room for a 1 MiB chunk in a few steps, without
+# evicting far more than the push needs.
+MAILBOX_EVICT_STEP = 32
+# Free pages handed back to the filesystem per cleanup step (4 KiB pages:
+# 8 MiB per step), for the same reason.
+MAILBOX_VACUUM_PAGES = 2048
+# Mailboxes whose counters cleanup recounts from their rows per step.
+MAILBOX_RECOUNT_BATCH = 64
 # SQLite waits this long for another writer (a second relayd on the same
 # directory, a backup tool) before an operation fails.
 MAILBOX_BUSY_TIMEOUT_MS = 10_000

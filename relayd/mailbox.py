@@ -32,22 +32,35 @@ Rules the store keeps
   never shared (each group's ciphertext is its own).
 - **Lifetime**: items expire ``retention_s`` after their push (an object
   lives as long as the longest-lived entry referencing its blob) and are
-  never served once expired, whenever cleanup runs. :meth:`MailboxStore.cleanup`
-  (hourly) deletes expired items, **orphan** objects (no live entry names
-  their blob any more), devices not seen for ``retention_s``, empty
-  mailboxes nobody used for that long, stray files; it then returns free
-  pages to the filesystem (``incremental_vacuum``) and truncates the WAL.
+  never served once expired, whenever cleanup runs. A cleanup pass
+  (:meth:`MailboxStore.start_cleanup`, hourly) deletes expired items,
+  **orphan** objects (no entry names their blob any more), devices not seen
+  for ``retention_s``, empty mailboxes nobody used for that long, stray
+  files; it then returns free pages to the filesystem
+  (``PRAGMA incremental_vacuum``, run to completion) and truncates the
+  WAL. It works in bounded steps (at most
+  :data:`~relayd.defaults.MAILBOX_CLEANUP_BATCH` rows per transaction) so
+  the service can serve requests between them.
+- **Delivered**: an item is delivered when at least one registered device
+  other than its pusher exists and every such device has ACKed a cursor at
+  or past it; an entry of a blob only once the mailbox holds the blob whole
+  (root, and every chunk its size needs) and each of those objects is
+  delivered too. A device that ACKed an entry before its chunks arrived has
+  not got the file yet.
 - **Limits**: an item over ``max_item_bytes`` is refused (too-large); a push
   beyond the group's quota first evicts the mailbox's expired items, then
-  its *delivered* ones (every other registered device has acknowledged
-  them), and is refused (quota-exceeded) if that is not enough; beyond the
-  total quota, or with less than ``min_free_bytes`` free on the
-  filesystem, it is refused (storage-full) before the disk fills. Sizes
-  charge :data:`~relayd.defaults.MAILBOX_ITEM_OVERHEAD_BYTES` per item on top
-  of its bytes. A mailbox serves at most ``max_devices_per_group``
-  registered devices (a device registers by proving membership, and its
-  registration lapses after ``retention_s`` unseen). With
-  ``drop_delivered``, cleanup also drops delivered items early.
+  its delivered ones (never those of the blob being pushed), and is refused
+  (quota-exceeded) if that is not enough; beyond the total quota, or with
+  less than ``min_free_bytes`` free on the filesystem, it is refused
+  (storage-full) before the disk fills. Sizes charge
+  :data:`~relayd.defaults.MAILBOX_ITEM_OVERHEAD_BYTES` per item on top of
+  its bytes. A mailbox serves at most ``max_devices_per_group`` registered
+  devices (a device registers by proving membership, and its registration
+  lapses after ``retention_s`` unseen). With ``drop_delivered``, cleanup
+  also drops delivered items early.
+- **Files outlive no row, and no row outlives its file**: a file is
+  unlinked after the COMMIT that deleted its row, and only if no committed
+  row names it again (re-pushing an expired object reuses its path).
 
 Storage: files vs in the database
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -69,7 +82,9 @@ nodes repair by pushing again, since their local store is the source of
 truth. A file is written to a temporary name, fsynced and renamed before
 the transaction that records it commits; a crash in between leaves a
 stray file that cleanup removes. Every object read back is hashed against
-its name; a damaged one is dropped and reported missing.
+its name; a damaged or missing one is dropped and reported missing; a read
+that fails for another reason (EMFILE, EIO) keeps the item and refuses the
+FETCH with ``try-again``.
 
 Schema (``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS`
 upgrade older databases in order, each in one transaction)::
@@ -77,7 +92,7 @@ upgrade older databases in order, each in one transaction)::
     mailboxes (mailbox PK, log_id, group_id, head, items, bytes, created, last_used)
     items     (mailbox, cursor, kind 1 entry | 2 object, hash, sender, size, charge,
                created, expires, blob, blob_size, author, seq, data | NULL = file)
-    refs      (mailbox, blob, object)       which blobs an object belongs to
+    refs      (mailbox, blob, object)       which blobs a held object belongs to
     devices   (mailbox, node, first_seen, last_seen, acked)
     totals    (one row: items, bytes)
 
@@ -89,6 +104,7 @@ threads, one call at a time (:mod:`relayd.mailbox_service`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -205,11 +221,37 @@ class JoinInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Evictions:
+    """Items a request removed, by reason (the ``relayd_mailbox_evictions_total`` labels)."""
+
+    expired: int = 0  # past their TTL, not cleaned up yet
+    quota: int = 0  # delivered items evicted early to make room
+
+    def __add__(self, other: Evictions) -> Evictions:
+        return Evictions(self.expired + other.expired, self.quota + other.quota)
+
+    @property
+    def total(self) -> int:
+        return self.expired + self.quota
+
+
+NO_EVICTIONS: Final = Evictions()
+
+
+@dataclass(frozen=True, slots=True)
 class PushResult:
     cursor: int
     new: bool
     used: int
-    evicted: int  # items evicted to make room (expired or delivered)
+    evicted: Evictions = NO_EVICTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """A FETCH's answer: the object's bytes, or None (absent; ``damaged`` if dropped now)."""
+
+    data: bytes | None
+    damaged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +353,40 @@ def check_object_fits(
         )
 
 
+# --- delivered items (SQL over ``items``) -----------------------------------------------
+
+_CHUNK: Final = node_defaults.CHUNK_SIZE
+
+
+def _acked_by_others(item: str) -> str:
+    """SQL: some registered device other than ``item``'s pusher exists, and all such ACKed it."""
+    return (
+        f"EXISTS (SELECT 1 FROM devices d WHERE d.mailbox = {item}.mailbox "
+        f"AND d.node != {item}.sender) AND NOT EXISTS (SELECT 1 FROM devices d "
+        f"WHERE d.mailbox = {item}.mailbox AND d.node != {item}.sender "
+        f"AND d.acked < {item}.cursor)"
+    )
+
+
+# An item every other device holds. An object: ACKed. An entry of a blob:
+# ACKed, and the mailbox holds the blob whole (its root, and every chunk its
+# size needs), each object ACKed as well. So an entry ACKed before its chunks
+# arrived is not delivered, and evicting it cannot strand the chunks still
+# being pushed (they would be refused unknown-blob, and those already stored
+# would be orphans).
+_DELIVERED: Final = (
+    f"{_acked_by_others('items')} AND (items.kind = {ITEM_OBJECT} OR items.blob IS NULL OR ("
+    "EXISTS (SELECT 1 FROM refs r WHERE r.mailbox = items.mailbox AND r.blob = items.blob "
+    "AND r.object = items.blob) "
+    f"AND (items.blob_size <= {_CHUNK} OR (SELECT COUNT(*) FROM refs r "
+    "WHERE r.mailbox = items.mailbox AND r.blob = items.blob AND r.object != items.blob) "
+    f">= (items.blob_size + {_CHUNK - 1}) / {_CHUNK}) "
+    "AND NOT EXISTS (SELECT 1 FROM refs r JOIN items o ON o.mailbox = r.mailbox "
+    "AND o.hash = r.object WHERE r.mailbox = items.mailbox AND r.blob = items.blob "
+    f"AND NOT ({_acked_by_others('o')}))))"
+)
+
+
 # --- the store ---------------------------------------------------------------------------
 
 
@@ -331,7 +407,9 @@ class MailboxStore:
         self._random_bytes = random_bytes
         self._free = free
         self._objects = directory / OBJECTS_DIR
-        self._doomed: list[Path] = []  # files to unlink once the transaction commits
+        # Files of deleted items, (mailbox, object id): unlinked once the
+        # transaction commits, unless a row of it names the file again.
+        self._doomed: list[tuple[bytes, bytes]] = []
         self.totals = self._read_totals(count_groups=True)
 
     @classmethod
@@ -384,7 +462,12 @@ class MailboxStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; files of items it deleted are unlinked after COMMIT."""
+        """One write transaction; files of items it deleted are unlinked after COMMIT.
+
+        A file is unlinked only if no committed row names it: the same
+        transaction may have deleted an expired copy of an object and stored
+        it again under the same name (and so the same path).
+        """
         self._doomed = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -395,8 +478,16 @@ class MailboxStore:
             raise
         self._db.execute("COMMIT")
         doomed, self._doomed = self._doomed, []
-        for path in doomed:
-            path.unlink(missing_ok=True)
+        for mailbox, oid in doomed:
+            named = self._db.execute(
+                "SELECT 1 FROM items WHERE mailbox = ? AND hash = ? AND kind = 2 AND data IS NULL",
+                (mailbox, oid),
+            ).fetchone()
+            if named is None:
+                try:
+                    self._object_path(mailbox, oid).unlink(missing_ok=True)
+                except OSError as exc:  # committed anyway; cleanup removes it as a stray file
+                    log.warning("mailbox object file %s not removed: %s", oid.hex()[:16], exc)
 
     def _read_totals(self, *, count_groups: bool = False) -> Totals:
         items, size = self._db.execute("SELECT items, bytes FROM totals").fetchone()
@@ -488,7 +579,7 @@ class MailboxStore:
             head, used, group_id = self._mailbox_row(db, mailbox)
             existing = self._live_item(db, mailbox, entry_id, t)
             if existing is not None:
-                return PushResult(existing, False, used, 0)
+                return PushResult(existing, False, used)
             if group_id is not None and group_id != entry.group_id:
                 raise MailboxRefused(
                     MailboxErrorCode.BAD_ENTRY, "wrong-group: not this mailbox's group"
@@ -498,14 +589,15 @@ class MailboxStore:
                 "AND author = ? AND seq = ?",
                 (mailbox, entry.author.raw, entry.seq),
             ).fetchone()
-            evicted = 0
+            evicted = NO_EVICTIONS
             if fork is not None:
                 if int(fork[1]) > t:
                     raise MailboxRefused(
                         MailboxErrorCode.BAD_ENTRY,
                         f"fork: {entry.author.short()}#{entry.seq} differs from the one held",
                     )
-                evicted += self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, fork[0]))
+                expired = self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, fork[0]))
+                evicted += Evictions(expired=expired)
             charge = len(raw) + defaults.MAILBOX_ITEM_OVERHEAD_BYTES
             evicted += self._make_room(db, mailbox, charge, t)
             cursor = head + 1
@@ -550,17 +642,19 @@ class MailboxStore:
                         "UPDATE items SET expires = MAX(expires, ?) WHERE mailbox = ? AND hash = ?",
                         (expires, mailbox, oid),
                     )
-                    return PushResult(existing, False, used, 0)
+                    return PushResult(existing, False, used)
+                # An expired copy not cleaned up yet goes first (and with it its
+                # references, so it does not count as a chunk the blob holds).
+                # Its file has the same name as the new one: _write keeps it.
+                expired = self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, oid))
+                evicted = Evictions(expired=expired)
                 (held,) = db.execute(
                     "SELECT COUNT(*) FROM refs WHERE mailbox = ? AND blob = ? AND object != ?",
                     (mailbox, blob, blob),
                 ).fetchone()
                 check_object_fits(oid, kind, len(data), blob, blob_size, int(held))
-                evicted = self._evict_where(
-                    db, "mailbox = ? AND hash = ?", (mailbox, oid)
-                )  # an expired copy not cleaned up yet
                 charge = len(data) + defaults.MAILBOX_ITEM_OVERHEAD_BYTES
-                evicted += self._make_room(db, mailbox, charge, t)
+                evicted += self._make_room(db, mailbox, charge, t, keep_blob=blob)
                 inline: bytes | None = data
                 if len(data) > self.config.inline_max_bytes:
                     written = self._write_file(mailbox, oid, data)
@@ -623,8 +717,21 @@ class MailboxStore:
         (used,) = db.execute("SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()
         return int(used)
 
-    def _make_room(self, db: sqlite3.Connection, mailbox: bytes, charge: int, t: int) -> int:
-        """Evict expired, then delivered items until ``charge`` fits; else refuse."""
+    def _make_room(
+        self,
+        db: sqlite3.Connection,
+        mailbox: bytes,
+        charge: int,
+        t: int,
+        *,
+        keep_blob: bytes | None = None,
+    ) -> Evictions:
+        """Evict expired, then delivered items until ``charge`` fits; else refuse.
+
+        ``keep_blob``: the blob being pushed; its entry is never evicted to make
+        room for the rest of it (the delivered rule already keeps the entry of
+        a blob the mailbox does not hold whole; this holds even if it did).
+        """
         config = self.config
         try:
             free = self._free(self.directory)
@@ -648,14 +755,26 @@ class MailboxStore:
                 and total + charge <= config.total_quota_bytes
             )
 
+        expired = quota = 0
+        batch = defaults.MAILBOX_CLEANUP_BATCH
+        while not fits():
+            count = self._evict_where(db, "mailbox = ? AND expires <= ?", (mailbox, t), limit=batch)
+            expired += count
+            if count < batch:
+                break
+        step = defaults.MAILBOX_EVICT_STEP
+        where = f"mailbox = ? AND {_DELIVERED}"
+        args: tuple[object, ...] = (mailbox,)
+        if keep_blob is not None:
+            where += " AND NOT (kind = 1 AND blob = ?)"
+            args = (mailbox, keep_blob)
+        while not fits():
+            count = self._evict_where(db, where, args, limit=step, oldest_first=True)
+            quota += count
+            if count < step:
+                break
         if fits():
-            return 0
-        evicted = self._evict_where(db, "mailbox = ? AND expires <= ?", (mailbox, t))
-        if fits():
-            return evicted
-        evicted += self._evict_delivered(db, mailbox)
-        if fits():
-            return evicted
+            return Evictions(expired=expired, quota=quota)
         (used,) = db.execute("SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()
         if used + charge > config.group_quota_bytes:
             raise MailboxRefused(
@@ -669,42 +788,45 @@ class MailboxStore:
 
     # --- eviction -----------------------------------------------------------------------------
 
-    _DELIVERED = (
-        "mailbox = ? AND EXISTS (SELECT 1 FROM devices d WHERE d.mailbox = items.mailbox "
-        "AND d.node != items.sender) AND NOT EXISTS (SELECT 1 FROM devices d "
-        "WHERE d.mailbox = items.mailbox AND d.node != items.sender AND d.acked < items.cursor)"
-    )
-
-    def _evict_delivered(self, db: sqlite3.Connection, mailbox: bytes) -> int:
-        return self._evict_where(db, self._DELIVERED, (mailbox,))
-
-    def _evict_where(self, db: sqlite3.Connection, where: str, args: tuple[object, ...]) -> int:
-        """Delete the items matching ``where`` (and their files); fix the counters."""
-        rows = db.execute(
-            f"SELECT mailbox, cursor, hash, charge, data IS NULL AND kind = 2 FROM items "
-            f"WHERE {where}",
-            args,
-        ).fetchall()
+    def _evict_where(
+        self,
+        db: sqlite3.Connection,
+        where: str,
+        args: tuple[object, ...],
+        *,
+        limit: int | None = None,
+        oldest_first: bool = False,
+    ) -> int:
+        """Delete up to ``limit`` items matching ``where``, their refs and files; fix counters."""
+        sql = f"SELECT mailbox, cursor, hash, charge, kind, data IS NULL FROM items WHERE {where}"
+        if oldest_first:
+            sql += " ORDER BY mailbox, cursor"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = db.execute(sql, args).fetchall()
         if not rows:
             return 0
         per_mailbox: dict[bytes, tuple[int, int]] = {}
-        files: list[Path] = []
-        for mailbox, _cursor, item_hash, charge, in_file in rows:
+        objects: list[tuple[bytes, bytes]] = []
+        for mailbox, _cursor, item_hash, charge, kind, no_data in rows:
             count, size = per_mailbox.get(bytes(mailbox), (0, 0))
             per_mailbox[bytes(mailbox)] = (count + 1, size + int(charge))
-            if in_file:
-                files.append(self._object_path(bytes(mailbox), bytes(item_hash)))
+            if kind == ITEM_OBJECT:
+                objects.append((bytes(mailbox), bytes(item_hash)))
+                if no_data:
+                    self._doomed.append((bytes(mailbox), bytes(item_hash)))
         db.executemany(
             "DELETE FROM items WHERE mailbox = ? AND cursor = ?",
             [(bytes(r[0]), int(r[1])) for r in rows],
         )
+        # An object no longer held belongs to no blob: refs name held objects only.
+        db.executemany("DELETE FROM refs WHERE mailbox = ? AND object = ?", objects)
         for mailbox, (count, size) in per_mailbox.items():
             db.execute(
                 "UPDATE mailboxes SET items = items - ?, bytes = bytes - ? WHERE mailbox = ?",
                 (count, size, mailbox),
             )
             db.execute("UPDATE totals SET items = items - ?, bytes = bytes - ?", (count, size))
-        self._doomed += files  # unlinked once this transaction commits
         return len(rows)
 
     # --- pull, fetch ------------------------------------------------------------------------
@@ -740,29 +862,40 @@ class MailboxStore:
             items.append(item)
         return PullResult(tuple(items), has_more, head)
 
-    def fetch(self, mailbox: bytes, oid: bytes, now: float) -> bytes | None:
-        """A live object's bytes, verified against its name; None if absent or damaged."""
+    def fetch(self, mailbox: bytes, oid: bytes, now: float) -> FetchResult:
+        """A live object's bytes, verified against its name.
+
+        Absent or expired: no data. Damaged (its bytes do not hash to its
+        name) or its file gone: dropped now, and ``damaged``. A file that
+        cannot be read just now (EMFILE, EIO) is kept: :class:`MailboxRefused`
+        ``try-again``.
+        """
         row = self._db.execute(
             "SELECT data, expires FROM items WHERE mailbox = ? AND hash = ? AND kind = 2",
             (mailbox, oid),
         ).fetchone()
         if row is None or int(row[1]) <= int(now):
-            return None
+            return FetchResult(None)
         if row[0] is not None:
             data = bytes(row[0])
         else:
             try:
                 data = self._object_path(mailbox, oid).read_bytes()
+            except FileNotFoundError:
+                data = b""  # gone: as damaged as can be
             except OSError as exc:
-                log.warning("mailbox object %s unreadable: %s", oid.hex()[:16], exc)
-                data = b""
+                name = errno.errorcode.get(exc.errno or 0, "I/O error")
+                raise MailboxRefused(
+                    MailboxErrorCode.TRY_AGAIN,
+                    f"cannot read object {oid.hex()[:16]} just now ({name}); fetch it again later",
+                ) from None
         if object_id(data) != oid:
-            log.warning("mailbox object %s damaged on disk: dropped", oid.hex()[:16])
+            log.warning("mailbox object %s damaged or missing on disk: dropped", oid.hex()[:16])
             with self._write() as db:
                 self._evict_where(db, "mailbox = ? AND hash = ?", (mailbox, oid))
             self.totals = self._read_totals()
-            return None
-        return data
+            return FetchResult(None, damaged=True)
+        return FetchResult(data)
 
     def head(self, mailbox: bytes) -> int:
         row = self._db.execute(
@@ -795,86 +928,154 @@ class MailboxStore:
 
     # --- cleanup ------------------------------------------------------------------------------
 
+    def start_cleanup(self, now: float) -> CleanupRun:
+        """A cleanup pass as of ``now``; nothing happens until its first :meth:`CleanupRun.step`."""
+        return CleanupRun(self, now)
+
     def cleanup(self, now: float) -> CleanupResult:
-        """Expire items, drop orphans, stale devices and empty mailboxes; reclaim space."""
+        """A whole cleanup pass at once (tests, tools; relayd steps through one)."""
+        run = self.start_cleanup(now)
+        while run.step():
+            pass
+        return run.result()
+
+    def _cleanup_steps(self, now: float, run: CleanupRun) -> Iterator[None]:
+        """The pass, yielding after each bounded transaction (see :class:`CleanupRun`)."""
         t = int(now)
         config = self.config
-        before = self.totals.bytes
-        with self._write() as db:
-            expired = self._evict_where(db, "expires <= ?", (t,))
-            delivered = 0
-            if config.drop_delivered:
-                for (mailbox,) in db.execute("SELECT mailbox FROM mailboxes").fetchall():
-                    delivered += self._evict_delivered(db, bytes(mailbox))
-            # References of blobs no live entry names any more, then objects
-            # that no reference keeps.
-            db.execute(
-                "DELETE FROM refs WHERE NOT EXISTS (SELECT 1 FROM items e WHERE "
-                "e.mailbox = refs.mailbox AND e.kind = 1 AND e.blob = refs.blob)"
-            )
-            orphans = self._evict_where(
-                db,
-                "kind = 2 AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.mailbox = items.mailbox "
-                "AND r.object = items.hash)",
-                (),
-            )
-            devices = db.execute(
-                "DELETE FROM devices WHERE last_seen <= ?", (t - config.retention_s,)
-            ).rowcount
-            mailboxes = db.execute(
-                "DELETE FROM mailboxes WHERE last_used <= ? AND NOT EXISTS "
-                "(SELECT 1 FROM items i WHERE i.mailbox = mailboxes.mailbox) AND NOT EXISTS "
-                "(SELECT 1 FROM devices d WHERE d.mailbox = mailboxes.mailbox)",
-                (t - config.retention_s,),
-            ).rowcount
-            # Counters from the rows themselves: they never drift for long.
-            db.execute(
-                "UPDATE mailboxes SET items = (SELECT COUNT(*) FROM items i WHERE "
-                "i.mailbox = mailboxes.mailbox), bytes = (SELECT COALESCE(SUM(charge), 0) "
-                "FROM items i WHERE i.mailbox = mailboxes.mailbox)"
-            )
-            db.execute(
-                "UPDATE totals SET items = (SELECT COUNT(*) FROM items), "
-                "bytes = (SELECT COALESCE(SUM(charge), 0) FROM items)"
-            )
-        stray = self._remove_stray_files()
-        self._db.execute("PRAGMA incremental_vacuum")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.totals = self._read_totals(count_groups=True)
-        return CleanupResult(
-            expired=expired,
-            delivered=delivered,
-            orphans=orphans,
-            devices=max(0, devices),
-            mailboxes=max(0, mailboxes),
-            stray_files=stray,
-            bytes_freed=max(0, before - self.totals.bytes),
-        )
+        batch = defaults.MAILBOX_CLEANUP_BATCH
 
-    def _remove_stray_files(self) -> int:
-        """Files no row names (a crash between rename and commit), and temp files."""
-        removed = 0
-        if not self._objects.is_dir():
+        def evict_all(where: str, args: tuple[object, ...]) -> Iterator[int]:
+            while True:
+                with self._write() as db:
+                    count = self._evict_where(db, where, args, limit=batch)
+                yield count
+                if count < batch:
+                    return
+
+        def delete_all(table: str, where: str, args: tuple[object, ...]) -> Iterator[int]:
+            while True:
+                with self._write() as db:
+                    count = db.execute(
+                        f"DELETE FROM {table} WHERE rowid IN "
+                        f"(SELECT rowid FROM {table} WHERE {where} LIMIT ?)",
+                        (*args, batch),
+                    ).rowcount
+                yield max(0, count)
+                if count < batch:
+                    return
+
+        for count in evict_all("expires <= ?", (t,)):
+            run.expired += count
+            yield
+        if config.drop_delivered:
+            for count in evict_all(_DELIVERED, ()):
+                run.delivered += count
+                yield
+        # References of blobs no entry names any more (or of objects gone),
+        # then the objects no reference keeps.
+        for _ in delete_all(
+            "refs",
+            "NOT EXISTS (SELECT 1 FROM items e WHERE e.mailbox = refs.mailbox AND e.kind = 1 "
+            "AND e.blob = refs.blob) OR NOT EXISTS (SELECT 1 FROM items o WHERE "
+            "o.mailbox = refs.mailbox AND o.hash = refs.object)",
+            (),
+        ):
+            yield
+        for count in evict_all(
+            "kind = 2 AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.mailbox = items.mailbox "
+            "AND r.object = items.hash)",
+            (),
+        ):
+            run.orphans += count
+            yield
+        for count in delete_all("devices", "last_seen <= ?", (t - config.retention_s,)):
+            run.devices += count
+            yield
+        for count in delete_all(
+            "mailboxes",
+            "last_used <= ? AND NOT EXISTS (SELECT 1 FROM items i WHERE "
+            "i.mailbox = mailboxes.mailbox) AND NOT EXISTS (SELECT 1 FROM devices d "
+            "WHERE d.mailbox = mailboxes.mailbox)",
+            (t - config.retention_s,),
+        ):
+            run.mailboxes += count
+            yield
+        yield from self._recount()
+        if self._objects.is_dir():
+            for directory in sorted(self._objects.iterdir()):
+                run.stray_files += self._remove_stray_files(directory)
+                yield
+        yield from self._vacuum()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self.totals = self._read_totals(count_groups=True)
+
+    def _recount(self) -> Iterator[None]:
+        """Counters from the rows themselves, a few mailboxes per step: they never drift long."""
+        after = b""
+        size = defaults.MAILBOX_RECOUNT_BATCH
+        while True:
+            with self._write() as db:
+                rows = db.execute(
+                    "SELECT mailbox FROM mailboxes WHERE mailbox > ? ORDER BY mailbox LIMIT ?",
+                    (after, size),
+                ).fetchall()
+                for (mailbox,) in rows:
+                    db.execute(
+                        "UPDATE mailboxes SET items = (SELECT COUNT(*) FROM items i WHERE "
+                        "i.mailbox = ?1), bytes = (SELECT COALESCE(SUM(charge), 0) FROM items i "
+                        "WHERE i.mailbox = ?1) WHERE mailbox = ?1",
+                        (mailbox,),
+                    )
+                if len(rows) < size:  # every mailbox is recounted: the totals are their sum
+                    db.execute(
+                        "UPDATE totals SET items = (SELECT COALESCE(SUM(items), 0) FROM "
+                        "mailboxes), bytes = (SELECT COALESCE(SUM(bytes), 0) FROM mailboxes)"
+                    )
+            yield
+            if len(rows) < size:
+                return
+            after = bytes(rows[-1][0])
+
+    def _vacuum(self) -> Iterator[None]:
+        """Return free pages to the filesystem, a bounded number per step.
+
+        ``PRAGMA incremental_vacuum(N)`` frees one page per step of the
+        statement and returns no rows, so Python's ``execute`` (one step;
+        ``fetchall`` does not step a row-less statement again) frees a single
+        page. ``executescript`` runs it to completion.
+        """
+        pages = defaults.MAILBOX_VACUUM_PAGES
+        (before,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        while before:
+            self._db.executescript(f"PRAGMA incremental_vacuum({pages});")
+            (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+            yield
+            if free >= before:  # not an incremental-vacuum database: nothing to give back
+                return
+            before = free
+
+    def _remove_stray_files(self, directory: Path) -> int:
+        """Files of ``directory`` no row names (a crash between rename and commit), temp files."""
+        try:
+            mailbox = bytes.fromhex(directory.name)
+        except ValueError:
             return 0
-        for directory in self._objects.iterdir():
-            try:
-                mailbox = bytes.fromhex(directory.name)
-            except ValueError:
-                continue
-            held = {
-                bytes(r[0]).hex()
-                for r in self._db.execute(
-                    "SELECT hash FROM items WHERE mailbox = ? AND kind = 2 AND data IS NULL",
-                    (mailbox,),
-                )
-            }
-            for path in directory.iterdir():
-                if path.name not in held:
-                    path.unlink(missing_ok=True)
-                    removed += 1
-            if not held:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
+        held = {
+            bytes(r[0]).hex()
+            for r in self._db.execute(
+                "SELECT hash FROM items WHERE mailbox = ? AND kind = 2 AND data IS NULL",
+                (mailbox,),
+            )
+        }
+        removed = 0
+        for path in directory.iterdir():
+            if path.name not in held:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if not held:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         return removed
 
     # --- inspection (status, tests) -----------------------------------------------------------
@@ -892,6 +1093,49 @@ class MailboxStore:
             "SELECT cursor FROM items WHERE mailbox = ? ORDER BY cursor", (mailbox,)
         ).fetchall()
         return [int(r[0]) for r in rows]
+
+
+class CleanupRun:
+    """One cleanup pass of a store (:meth:`MailboxStore.start_cleanup`), in bounded steps.
+
+    Each :meth:`step` does one short transaction (at most
+    :data:`~relayd.defaults.MAILBOX_CLEANUP_BATCH` rows), one directory of
+    stray files or one batch of free pages, and says whether more remains;
+    the caller serves other requests between steps (relayd releases its
+    store lock). Blocking, like the store; :meth:`result` sums the counts.
+    """
+
+    def __init__(self, store: MailboxStore, now: float) -> None:
+        self.expired = self.delivered = self.orphans = 0
+        self.devices = self.mailboxes = self.stray_files = 0
+        self.steps = 0
+        self._store = store
+        self._bytes_before = store.totals.bytes
+        self._steps = store._cleanup_steps(now, self)
+        self._done = False
+
+    def step(self) -> bool:
+        """Do the next piece; False once the pass is complete (and nothing was done)."""
+        if self._done:
+            return False
+        try:
+            next(self._steps)
+        except StopIteration:
+            self._done = True
+            return False
+        self.steps += 1
+        return True
+
+    def result(self) -> CleanupResult:
+        return CleanupResult(
+            expired=self.expired,
+            delivered=self.delivered,
+            orphans=self.orphans,
+            devices=self.devices,
+            mailboxes=self.mailboxes,
+            stray_files=self.stray_files,
+            bytes_freed=max(0, self._bytes_before - self._store.totals.bytes),
+        )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -929,6 +1173,9 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CleanupResult",
+    "CleanupRun",
+    "Evictions",
+    "FetchResult",
     "JoinInfo",
     "MailboxRefused",
     "MailboxStore",

@@ -23,10 +23,19 @@ thread, one call at a time across all streams.
 
 :func:`run_mailbox` opens the store in ``DATA/mailbox``, registers the
 metrics, runs the cleanup every ``cleanup_interval_s`` (and once at start),
-and closes the store when cancelled. Metrics: ``relayd_mailbox_groups``,
-``_items``, ``_bytes`` (gauges), ``relayd_mailbox_requests_total{op,result}``,
-``relayd_mailbox_rejections_total{reason}``,
-``relayd_mailbox_evictions_total{reason}``, ``relayd_mailbox_notifies_total``,
+and closes the store when cancelled. A cleanup pass goes in bounded steps
+(:class:`~relayd.mailbox.CleanupRun`), each its own worker-thread call under
+the store lock, which is released in between: requests queued meanwhile go
+first (``trio.Lock`` is fair), so none waits for a whole pass.
+
+Metrics: ``relayd_mailbox_groups``, ``_items``, ``_bytes`` (gauges),
+``relayd_mailbox_requests_total{op,result}``,
+``relayd_mailbox_rejections_total{reason}`` (the error labels),
+``relayd_mailbox_evictions_total{reason}`` (``expired``: past the TTL, by
+cleanup or by a push that needed the room or the name; ``delivered``: by
+cleanup with ``drop_delivered``; ``quota``: delivered items evicted early
+to make room; ``orphan``: objects no entry names; ``damaged``: objects that
+failed their hash check or lost their file), ``relayd_mailbox_notifies_total``,
 ``relayd_mailbox_cleanups_total``.
 """
 
@@ -50,7 +59,7 @@ from p2psync.errors import BadFrame, IntegrityError
 from p2psync.proto import mailbox as wire
 from p2psync.proto.mailbox import MailboxErrorCode
 from relayd.config import MailboxConfig, RelaydConfig
-from relayd.mailbox import CleanupResult, MailboxRefused, MailboxStore
+from relayd.mailbox import NO_EVICTIONS, CleanupResult, Evictions, MailboxRefused, MailboxStore
 from relayd.metrics import Registry
 from relayd.services import Service, ServiceCall
 from relayd.state import LogGate
@@ -106,7 +115,8 @@ class Outcome:
     error: MailboxErrorCode | None = None
     detail: str = ""
     new_head: int | None = None  # items were added: NOTIFY the others
-    evicted: int = 0
+    evicted: Evictions = NO_EVICTIONS
+    damaged: int = 0  # objects dropped because they failed their hash check
     subscribe: bool = False  # JOIN asked for NOTIFY
 
 
@@ -204,7 +214,8 @@ class MailboxSession:
             case wire.Fetch(object_id):
                 outcome.op = "fetch"
                 found = store.fetch(mailbox, object_id, now)
-                if found is None:
+                outcome.damaged = int(found.damaged)
+                if found.data is None:
                     outcome.result = "not-found"
                     outcome.replies.append(
                         wire.encode(
@@ -213,7 +224,7 @@ class MailboxSession:
                     )
                 else:
                     outcome.result = "found"
-                    outcome.replies.append(wire.encode(wire.ObjectData(object_id, found)))
+                    outcome.replies.append(wire.encode(wire.ObjectData(object_id, found.data)))
             case wire.Ack(cursor):
                 outcome.op = "ack"
                 outcome.replies.append(
@@ -222,7 +233,9 @@ class MailboxSession:
             case wire.Join():
                 raise MailboxRefused(MailboxErrorCode.PROTOCOL, "already joined")
 
-    def _pushed(self, outcome: Outcome, cursor: int, new: bool, used: int, evicted: int) -> None:
+    def _pushed(
+        self, outcome: Outcome, cursor: int, new: bool, used: int, evicted: Evictions
+    ) -> None:
         outcome.result = "new" if new else "duplicate"
         outcome.evicted = evicted
         if new:
@@ -292,7 +305,7 @@ class MailboxService:
         for code in MailboxErrorCode:
             if code is not MailboxErrorCode.NOT_FOUND:
                 self.m_rejections.inc(0, reason=code.label)
-        for reason in ("expired", "delivered", "orphan", "quota"):
+        for reason in ("expired", "delivered", "orphan", "quota", "damaged"):
             self.m_evictions.inc(0, reason=reason)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -368,8 +381,13 @@ class MailboxService:
 
     def _count(self, outcome: Outcome, call: ServiceCall) -> None:
         self.m_requests.inc(op=outcome.op, result=outcome.result)
-        if outcome.evicted:
-            self.m_evictions.inc(outcome.evicted, reason="quota")
+        for reason, count in (
+            ("expired", outcome.evicted.expired),
+            ("quota", outcome.evicted.quota),
+            ("damaged", outcome.damaged),
+        ):
+            if count:
+                self.m_evictions.inc(count, reason=reason)
         code = outcome.error
         if code is None or code is MailboxErrorCode.NOT_FOUND:
             return
@@ -406,7 +424,11 @@ class MailboxService:
     # --- cleanup --------------------------------------------------------------------------
 
     async def cleanup(self) -> CleanupResult:
-        result = await self._run(self.store.cleanup, self._wall_clock())
+        """One cleanup pass, step by step; the store lock is free between steps."""
+        run = self.store.start_cleanup(self._wall_clock())
+        while await self._run(run.step):
+            pass
+        result = run.result()
         self.m_cleanups.inc()
         for reason, count in (
             ("expired", result.expired),

@@ -155,6 +155,9 @@ class MailboxErrorCode(enum.IntEnum):
     """FETCH: the mailbox holds no such object (never pushed, or expired)."""
     UNAVAILABLE = 11
     """relayd cannot serve the mailbox now (storage error, shutting down) (fatal)."""
+    TRY_AGAIN = 12
+    """relayd could not serve this request just now (say, a file it could not read): it
+    kept the item; ask again later."""
 
     @property
     def fatal(self) -> bool:

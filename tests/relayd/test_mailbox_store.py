@@ -8,6 +8,7 @@ objects are real (signed by real identities, sealed with real group keys).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -25,8 +26,9 @@ from p2psync.proto import mailbox as wire
 from p2psync.proto.entry import Kind, sign_entry
 from p2psync.proto.mailbox import MailboxErrorCode
 from p2psync.store.objects import ChunkRef, Manifest, Meta, ObjectKind, object_id, seal, seal_meta
+from relayd import defaults as relayd_defaults
 from relayd.config import MailboxConfig
-from relayd.mailbox import DB_FILE, SCHEMA_VERSION, MailboxRefused, MailboxStore
+from relayd.mailbox import DB_FILE, SCHEMA_VERSION, FetchResult, MailboxRefused, MailboxStore
 from relayd.mailbox_service import MailboxSession, SessionState
 
 NOW = 1_900_000_000.0
@@ -208,8 +210,8 @@ def test_pull_pages_by_limit_and_bytes(
     assert [i.cursor for i in rest.items] == list(range(4, 15)) and not rest.has_more
     # Objects travel by FETCH, hash-checked.
     for oid, sealed in objects:
-        assert store.fetch(mailbox, oid, NOW) == sealed
-    assert store.fetch(mailbox, b"\x00" * 32, NOW) is None
+        assert store.fetch(mailbox, oid, NOW).data == sealed
+    assert store.fetch(mailbox, b"\x00" * 32, NOW).data is None
 
 
 # --- verification ------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_group_quota_refuses_then_evicts_delivered_items(
     assert store.ack(mailbox, reader.node, half, NOW) == half
     writer.seq -= 1  # the refused entry was never stored: sign it again
     pushed = store.push_entry(mailbox, writer.node, writer.entry(), NOW)
-    assert pushed.new and pushed.cursor == cursors[-1] + 1 and pushed.evicted >= 1
+    assert pushed.new and pushed.cursor == cursors[-1] + 1 and pushed.evicted.quota >= 1
     assert min(store.cursors(mailbox)) > 1  # delivered items went first
     assert store.cursors(mailbox)[-1] == pushed.cursor
 
@@ -404,7 +406,7 @@ def test_ttl_hides_expired_items_and_cleanup_removes_them(
     assert any(p.is_file() and p.stat().st_size > CHUNK for p in files)  # a full chunk: a file
     assert len(store.pull(mailbox, 0, 100, NOW + 99).items) == 4  # entry, manifest, 2 chunks
     assert store.pull(mailbox, 0, 100, NOW + 100).items == ()  # expired: never served
-    assert store.fetch(mailbox, objects[1][0], NOW + 100) is None
+    assert store.fetch(mailbox, objects[1][0], NOW + 100).data is None
     log_id = store.join(mailbox, feed.node, NOW + 50).log_id  # the device stays registered
     result = store.cleanup(NOW + 100)
     assert result.expired == 4 and result.bytes_freed > CHUNK
@@ -438,13 +440,194 @@ def test_cleanup_drops_orphans_delivered_items_and_stray_files(
         store.push_object(mailbox, writer.node, blob, oid, sealed, NOW)
     stray = tmp_path / "mailbox" / "objects" / mailbox.hex() / ("ab" * 32)
     stray.write_bytes(b"left by a crash between rename and commit")
-    # The reader has the entry but not (yet) the objects: only the entry is
-    # delivered; the objects it named are orphans once it is gone.
+    # The reader has the entry but not (yet) the objects: it does not have the
+    # file, so nothing is delivered and nothing goes.
     store.ack(mailbox, reader.node, entry_cursor, NOW)
     result = store.cleanup(NOW + 1)
-    assert (result.delivered, result.orphans, result.stray_files) == (1, 3, 1)
+    assert (result.delivered, result.orphans, result.stray_files) == (0, 0, 1)
+    assert store.cursors(mailbox) == [1, 2, 3, 4]
+    for oid, sealed in objects:
+        assert store.fetch(mailbox, oid, NOW + 1).data == sealed
+    # Once it ACKed the objects too, the entry and its objects are delivered.
+    store.ack(mailbox, reader.node, store.head(mailbox), NOW + 2)
+    result = store.cleanup(NOW + 3)
+    assert (result.delivered, result.orphans, result.stray_files) == (4, 0, 0)
     assert store.cursors(mailbox) == []
     assert not [p for p in (tmp_path / "mailbox" / "objects").rglob("*") if p.is_file()]
+    # Objects no entry names any more are orphans (their entry expired first).
+    raw, blob, objects = writer.put(os.urandom(100))
+    store.push_entry(mailbox, writer.node, raw, NOW + 3)
+    store.push_object(mailbox, writer.node, blob, *objects[0], NOW + 3)
+    db = sqlite3.connect(tmp_path / "mailbox" / DB_FILE)
+    with db:  # only the entry expires
+        db.execute("UPDATE items SET expires = ? WHERE kind = 1", (int(NOW),))
+    db.close()
+    result = store.cleanup(NOW + 4)
+    assert (result.expired, result.orphans) == (1, 1)
+    assert store.cursors(mailbox) == [] and store.totals.items == 0
+
+
+def test_repushing_an_expired_file_object_keeps_its_file(
+    open_store: Callable[..., MailboxStore], keys: GroupKeys, mailbox: bytes, tmp_path: Path
+) -> None:
+    """An expired copy not cleaned up yet is replaced under the same path: the new file stays."""
+    store = open_store(retention_s=100)
+    a, b = Feed(keys), Feed(keys)
+    store.join(mailbox, a.node, NOW)
+    store.join(mailbox, b.node, NOW)
+    raw, blob, [(oid, sealed)] = a.put(os.urandom(CHUNK))  # one full chunk: a file
+    store.push_entry(mailbox, a.node, raw, NOW)
+    store.push_object(mailbox, a.node, blob, oid, sealed, NOW)
+    path = tmp_path / "mailbox" / "objects" / mailbox.hex() / oid.hex()
+    assert path.is_file()
+    # 150 s later (expired, no cleanup yet) device b puts the same file.
+    later = NOW + 150
+    assert store.push_entry(
+        mailbox, b.node, b.entry(kind=Kind.PUT, blob=blob, size=CHUNK), later
+    ).new
+    pushed = store.push_object(mailbox, b.node, blob, oid, sealed, later)
+    assert pushed.new and pushed.evicted.expired == 1
+    assert path.is_file()
+    assert store.fetch(mailbox, oid, later) == FetchResult(sealed)
+    # And it survives the next cleanup, which removes only a's expired entry.
+    result = store.cleanup(later + 1)
+    assert result.expired == 1 and result.stray_files == 0
+    assert store.fetch(mailbox, oid, later + 1) == FetchResult(sealed)
+
+
+def test_entry_acked_before_its_chunks_is_not_evicted_under_quota(
+    open_store: Callable[..., MailboxStore], keys: GroupKeys, mailbox: bytes
+) -> None:
+    """B ACKs a PUT entry before A pushed its chunks: A's push must still complete."""
+    store = open_store(group_quota_bytes=3 * CHUNK)
+    a, b = Feed(keys), Feed(keys)
+    store.join(mailbox, a.node, NOW)
+    store.join(mailbox, b.node, NOW)
+    # An earlier small file, which b got whole: delivered, it may make room.
+    raw0, blob0, objects0 = a.put(os.urandom(CHUNK))
+    store.push_entry(mailbox, a.node, raw0, NOW)
+    for oid, sealed in objects0:
+        store.push_object(mailbox, a.node, blob0, oid, sealed, NOW)
+    raw, blob, objects = a.put(os.urandom(3 * CHUNK))  # manifest + 3 chunks
+    cursor = store.push_entry(mailbox, a.node, raw, NOW).cursor
+    store.ack(mailbox, b.node, cursor, NOW)  # b pulled the entry; no chunk is there yet
+    pushed = [
+        store.push_object(mailbox, a.node, blob, oid, sealed, NOW) for oid, sealed in objects[:3]
+    ]
+    assert all(p.new for p in pushed)
+    assert pushed[-1].evicted.quota == 2  # the earlier file (entry and chunk) made room
+    # The last chunk does not fit: nothing of the blob being pushed may go.
+    refused(
+        MailboxErrorCode.QUOTA_EXCEEDED,
+        lambda: store.push_object(mailbox, a.node, blob, *objects[3], NOW),
+    )
+    assert store.cursors(mailbox) == [3, 4, 5, 6]
+    for oid, sealed in objects[:3]:
+        assert store.fetch(mailbox, oid, NOW).data == sealed
+
+
+def test_cleanup_returns_free_pages_to_the_filesystem(
+    open_store: Callable[..., MailboxStore], keys: GroupKeys, mailbox: bytes, tmp_path: Path
+) -> None:
+    """Many inline items expire: the database file shrinks, the freelist empties."""
+    store = open_store(retention_s=100)
+    feed = Feed(keys)
+    store.join(mailbox, feed.node, NOW)
+    for _ in range(200):
+        raw, blob, [(oid, sealed)] = feed.put(os.urandom(60_000))  # inline (< 64 KiB)
+        store.push_entry(mailbox, feed.node, raw, NOW)
+        store.push_object(mailbox, feed.node, blob, oid, sealed, NOW)
+    database = tmp_path / "mailbox" / DB_FILE
+    store.cleanup(NOW)  # checkpoints the WAL into the file: it now holds the items
+    full = database.stat().st_size
+    assert full > 200 * 60_000
+    run = store.start_cleanup(NOW + 200)
+    while run.step():
+        pass
+    assert run.result().expired == 400
+    assert run.steps < 20  # incremental_vacuum(N) frees N pages per step, not one
+    db = sqlite3.connect(database)
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    db.close()
+    assert database.stat().st_size < full // 20
+
+
+def test_cleanup_goes_in_bounded_steps(
+    open_store: Callable[..., MailboxStore],
+    keys: GroupKeys,
+    mailbox: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step deletes at most a batch; pushes between steps are served and kept."""
+    monkeypatch.setattr(relayd_defaults, "MAILBOX_CLEANUP_BATCH", 10)
+    store = open_store(retention_s=100)
+    feed = Feed(keys)
+    store.join(mailbox, feed.node, NOW)
+    for _ in range(35):
+        store.push_entry(mailbox, feed.node, feed.entry(), NOW)
+    run = store.start_cleanup(NOW + 100)
+    assert run.step() and run.expired == 10
+    # Between steps the store serves pushes as usual.
+    late = store.push_entry(mailbox, feed.node, feed.entry(), NOW + 100)
+    assert late.new and late.cursor == 36
+    assert run.step() and run.expired == 20
+    while run.step():
+        pass
+    assert not run.step()  # done stays done
+    result = run.result()
+    assert result.expired == 35 and run.steps > 4
+    assert store.cursors(mailbox) == [36]
+    assert store.mailbox_stats(mailbox) == (36, 1, store.totals.bytes)
+    assert store.totals.items == 1
+
+
+def test_fetch_drops_damaged_objects_and_keeps_unreadable_ones(
+    open_store: Callable[..., MailboxStore],
+    keys: GroupKeys,
+    mailbox: bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = open_store()
+    feed = Feed(keys)
+    member = feed.identity
+    store.join(mailbox, feed.node, NOW)
+    raw, blob, objects = feed.put(os.urandom(3 * CHUNK))
+    store.push_entry(mailbox, feed.node, raw, NOW)
+    for oid, sealed in objects:
+        store.push_object(mailbox, feed.node, blob, oid, sealed, NOW)
+    (_, _), (first, _), (second, _), (third, sealed3) = objects
+    files = tmp_path / "mailbox" / "objects" / mailbox.hex()
+    # A transient failure (out of file descriptors): a clear refusal, the item stays.
+    real_read = Path.read_bytes
+
+    def no_fds(path: Path) -> bytes:
+        if path.parent == files:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", no_fds)
+    error = refused(MailboxErrorCode.TRY_AGAIN, lambda: store.fetch(mailbox, third, NOW))
+    assert "EMFILE" in str(error)
+    assert not MailboxErrorCode.TRY_AGAIN.fatal
+    # Through the session: a non-fatal ERROR; the stream goes on.
+    session = session_for(store, member)
+    key = mailbox_key(keys)
+    session.handle(wire.encode(wire.sign_join(key, RELAY.node_id, member.node_id, b"n" * 32)), NOW)
+    outcome = session.handle(wire.encode(wire.Fetch(third)), NOW)
+    answer = reply(outcome.replies)
+    assert isinstance(answer, wire.Error) and answer.code == MailboxErrorCode.TRY_AGAIN
+    assert not outcome.close and outcome.result == "try-again" and outcome.damaged == 0
+    monkeypatch.setattr(Path, "read_bytes", real_read)
+    assert store.fetch(mailbox, third, NOW) == FetchResult(sealed3)
+    # A file gone, or bytes that do not match the name: dropped, reported damaged.
+    (files / first.hex()).unlink()
+    assert store.fetch(mailbox, first, NOW) == FetchResult(None, damaged=True)
+    (files / second.hex()).write_bytes(b"rotten")
+    outcome = session.handle(wire.encode(wire.Fetch(second)), NOW)
+    assert outcome.result == "not-found" and outcome.damaged == 1
+    assert store.cursors(mailbox) == [1, 2, 5]
+    assert store.fetch(mailbox, second, NOW) == FetchResult(None)  # gone, not damaged again
 
 
 def test_items_survive_reopening_and_schema_is_versioned(
