@@ -13,7 +13,7 @@ File format (every key optional; defaults in :mod:`relayd.defaults`)::
     listen = "0.0.0.0:3478"        # UDP: QUIC relay and STUN ("[::]:3478" for IPv6)
     http = "127.0.0.1:9478"        # TCP: /health and /metrics
     stun_alt_port = 3479           # second STUN port on the listen host (omit: off)
-    data = "/var/lib/relayd"       # state directory (unused until mailboxes land)
+    data = "/var/lib/relayd"       # state directory: relay identity, group mailbox
     log_level = "info"
     allow = ["NODEID", ...]        # only these nodes may use the relay (omit: any node)
     access_token = "..."           # nodes must present this shared token (omit: none)
@@ -31,6 +31,10 @@ File format (every key optional; defaults in :mod:`relayd.defaults`)::
     enabled = true
     retention_s = 604800
     ...                            # every field of MailboxConfig
+
+The ``[mailbox]`` sizes must make sense together (:func:`check_mailbox_config`):
+``max_item_bytes`` holds a sealed 1 MiB chunk, the group quota holds one
+such item and is at most the total quota.
 
 Port 0 means "let the OS pick" (tests use it; the bound port is reported).
 
@@ -58,6 +62,7 @@ from typing import Any, NamedTuple
 from p2psync.crypto.identity import NodeId
 from p2psync.errors import BadFrame, ConfigError
 from p2psync.proto.relay import MAX_ACCESS_TOKEN
+from p2psync.store.objects import MAX_OBJECT_SIZE
 from relayd import defaults as d
 from relayd.routing import AccessPolicy
 
@@ -350,7 +355,39 @@ def _mailbox_from_table(source: str, value: object) -> MailboxConfig:
         if check is None:
             raise _unknown(source, f"mailbox.{sub}", _MAILBOX_KEYS)
         checked[sub] = _checked(source, f"mailbox.{sub}", check, sub_value)
-    return MailboxConfig(**checked)
+    return check_mailbox_config(MailboxConfig(**checked), source)
+
+
+def check_mailbox_config(config: MailboxConfig, source: str = "<config>") -> MailboxConfig:
+    """``config`` if its sizes fit together; else a ConfigError saying which and how.
+
+    - ``max_item_bytes`` >= a sealed full chunk (:data:`~p2psync.store.objects.MAX_OBJECT_SIZE`):
+      every file over 1 MiB is made of such chunks, so a smaller limit would
+      refuse each of them;
+    - ``group_quota_bytes`` >= ``max_item_bytes`` plus the per-item charge:
+      a group must be able to hold the largest item the relay accepts;
+    - ``group_quota_bytes`` <= ``total_quota_bytes``: one group cannot have
+      more than all of them.
+    """
+    item, group, total = config.max_item_bytes, config.group_quota_bytes, config.total_quota_bytes
+    if item < MAX_OBJECT_SIZE:
+        raise ConfigError(
+            f"{source}: mailbox.max_item_bytes = {item} is less than one sealed 1 MiB chunk "
+            f"({MAX_OBJECT_SIZE} bytes): no file over 1 MiB could be stored; "
+            f"set it to at least {MAX_OBJECT_SIZE}"
+        )
+    if group < item + d.MAILBOX_ITEM_OVERHEAD_BYTES:
+        raise ConfigError(
+            f"{source}: mailbox.group_quota_bytes = {group} cannot hold one item of "
+            f"max_item_bytes = {item} (plus {d.MAILBOX_ITEM_OVERHEAD_BYTES} bytes per item); "
+            "raise the quota or lower max_item_bytes"
+        )
+    if group > total:
+        raise ConfigError(
+            f"{source}: mailbox.group_quota_bytes = {group} exceeds total_quota_bytes = "
+            f"{total}: one group cannot have more than all of them; lower it or raise the total"
+        )
+    return config
 
 
 def _checked(source: str, key: str, check: Callable[[object], Any], value: object) -> Any:

@@ -117,7 +117,8 @@ MAILBOX_ENABLED = True
 # on the writer (the local store is the source of truth, never the relay).
 MAILBOX_RETENTION_S = 7 * 24 * 3600
 # Any sealed object (a 1 MiB chunk + 46 bytes, a manifest of the largest
-# blob ~2.9 MiB); anything larger is no p2psync item.
+# blob ~2.9 MiB); anything larger is no p2psync item. The config refuses
+# less than one sealed chunk (relayd.config.check_mailbox_config).
 MAILBOX_MAX_ITEM_BYTES = 3 * MiB
 # One group's share: a week of a household's photos, not a backup service.
 MAILBOX_GROUP_QUOTA_BYTES = 2 * 1024 * MiB

@@ -25,9 +25,18 @@ from p2psync.errors import ConfigError
 from p2psync.proto import mailbox as wire
 from p2psync.proto.entry import Kind, sign_entry
 from p2psync.proto.mailbox import MailboxErrorCode
-from p2psync.store.objects import ChunkRef, Manifest, Meta, ObjectKind, object_id, seal, seal_meta
+from p2psync.store.objects import (
+    MAX_OBJECT_SIZE,
+    ChunkRef,
+    Manifest,
+    Meta,
+    ObjectKind,
+    object_id,
+    seal,
+    seal_meta,
+)
 from relayd import defaults as relayd_defaults
-from relayd.config import MailboxConfig
+from relayd.config import MailboxConfig, config_from_mapping
 from relayd.mailbox import DB_FILE, SCHEMA_VERSION, FetchResult, MailboxRefused, MailboxStore
 from relayd.mailbox_service import MailboxSession, SessionState
 
@@ -373,6 +382,21 @@ def test_item_size_total_quota_and_free_disk(
         assert "disk" in str(error)
     finally:
         disk_full.close()
+
+
+def test_config_refuses_mailbox_sizes_that_do_not_fit_together() -> None:
+    def load(**mailbox: object) -> MailboxConfig:
+        return config_from_mapping({"mailbox": mailbox}, "relayd.toml").mailbox
+
+    assert load() == MailboxConfig()
+    assert load(max_item_bytes=MAX_OBJECT_SIZE).max_item_bytes == MAX_OBJECT_SIZE
+    with pytest.raises(ConfigError, match=r"max_item_bytes = 4096 is less than one sealed"):
+        load(max_item_bytes=4096)
+    with pytest.raises(ConfigError, match=r"group_quota_bytes = 1000 cannot hold one item"):
+        load(group_quota_bytes=1000)
+    with pytest.raises(ConfigError, match=r"relayd.toml: mailbox.group_quota_bytes = \d+ exceeds"):
+        load(total_quota_bytes=1 << 30)  # the default group quota is 2 GiB
+    assert load(group_quota_bytes=1 << 30, total_quota_bytes=1 << 30).total_quota_bytes == 1 << 30
 
 
 def test_devices_per_group(
