@@ -1130,6 +1130,13 @@ def relay_upgrade(options: ScenarioOptions) -> ScenarioResult:
         )
 
 
+def _mailbox(options: ScenarioOptions) -> ScenarioResult:
+    """:func:`netsim.scenario_mailbox.mailbox` (imported here: that module builds on this one)."""
+    from netsim.scenario_mailbox import mailbox
+
+    return mailbox(options)
+
+
 SCENARIOS: dict[str, Callable[[ScenarioOptions], ScenarioResult]] = {
     "lan-pair": lan_pair,
     "pair": pair,
@@ -1140,7 +1147,7 @@ SCENARIOS: dict[str, Callable[[ScenarioOptions], ScenarioResult]] = {
     "lan-relay": lan_relay,
     "direct-break": direct_break,
     "relay-upgrade": relay_upgrade,
-    "mailbox": lambda o: __import__("netsim.scenario_mailbox").scenario_mailbox.mailbox(o),
+    "mailbox": _mailbox,
 }
 """Every scenario by its command-line name."""
 
