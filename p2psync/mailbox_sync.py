@@ -15,8 +15,20 @@ Push (own entries only: every device is responsible for its own feed)
     requests. The push cursor advances past an entry only when relayd has
     acknowledged the entry and all of its objects, so a crash or a broken
     connection re-pushes at most the unacknowledged tail, which relayd
-    answers idempotently. Entries older than the relay's retention are
-    skipped (they would expire at once). The mode decides *when*:
+    answers idempotently.
+
+    Every entry is pushed, however old: relayd sets expiry from the time of
+    the push, not the entry's clock, and a receiver needs each author's feed
+    without gaps (it cannot store seq n+1 before seq n). What may be left
+    out are *objects*: those the store no longer holds (the blob was
+    superseded or deleted and collected: receivers do not want it either),
+    those larger than the relay's ``max_item`` (from JOINED), and those
+    relayd refuses as ``too-large`` or ``bad-object`` (it never will take
+    them); receivers get such blobs from a peer. Any other refusal of an
+    entry or an object (``bad-entry``, say an entry stamped ahead of the
+    relay's clock; ``unknown-blob``, the relay no longer holds the entry)
+    pauses the push for :data:`REFUSED_RETRY_S` without moving the cursor,
+    so the entry is pushed again, with its objects. The mode decides *when*:
 
     - ``auto`` (default): push while some other known device of the group
       (an author in our frontier, a device we have a link to or know of) is
@@ -31,20 +43,38 @@ Push (own entries only: every device is responsible for its own feed)
 Pull
     On start, on every reconnect, on every NOTIFY (relayd's "new items"),
     and every :data:`PULL_INTERVAL_S` as a safety net, the node pulls the
-    items after its *pull cursor* page by page, feeds the entries to
-    :meth:`~p2psync.store.Store.insert_entries` (the very verification peer
-    sync uses: signature, feed chain, group, clock skew; duplicates of what
-    a peer already sent are counted, not stored twice), saves the cursor,
-    then FETCHes the objects its store still misses for pending blobs
-    (:meth:`~p2psync.store.Store.add_object` checks each against its hash)
-    and finally ACKs the cursor to relayd. If relayd's ``log_id`` changed
-    (it lost or dropped the mailbox) both cursors start over from 0.
+    items after what it has looked at, in rounds of up to :data:`PULL_ROUND`
+    items: it feeds the entries to :meth:`~p2psync.store.Store.insert_entries`
+    (the very verification peer sync uses: signature, feed chain, group,
+    clock skew; duplicates of what a peer already sent are counted, not
+    stored twice), FETCHes the objects its store still misses for pending
+    blobs (:meth:`~p2psync.store.Store.add_object` checks each against its
+    hash), and only then saves its *pull cursor* and ACKs it to relayd.
+
+    The rule: **the cursor never passes an item that is not stored here
+    yet** (and that could be). An entry whose feed has a gap here
+    (``seq-gap``: an earlier entry of its author expired at the relay, or
+    was never pushed to it, and reaches us from a peer later) or that is
+    stamped too far ahead of our clock *waits*; so does an object of a
+    pending blob that a FETCH could not get just now. Waiting items are
+    kept in memory (at most :data:`WAITING_MAX`) and tried again every
+    round, the cursor stays just before the first of them, and every
+    :data:`RESCAN_INTERVAL_S` (and on every reconnect) the node pulls again
+    from the saved cursor, which finds waiting items that did not fit in
+    memory and lets go of those the relay no longer holds. An ACK therefore
+    tells relayd only what this device really holds, so relayd never
+    counts a waiting item as delivered. Entries the store refuses for good
+    (bad signature, another group, a fork) are counted in ``rejected`` and
+    passed. If relayd's ``log_id`` changed (it lost or dropped the
+    mailbox) both cursors start over from 0.
 
 The local store stays the source of truth: nothing is deleted or marked
 synced because relayd acknowledged it.
 
 Node options: ``NodeOptions.mailbox`` is ``"auto"``, ``"always"``,
-``"pull"`` or ``"off"``. ``status`` shows a ``mailbox`` section (:meth:`MailboxSync.status`).
+``"pull"`` or ``"off"`` (``mailbox = "..."`` in ``config.toml``, or
+``p2psync daemon --mailbox MODE``). ``status`` shows a ``mailbox`` section
+(:meth:`MailboxSync.status`).
 """
 
 from __future__ import annotations
@@ -59,13 +89,13 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
-from p2psync import errors, ops
+from p2psync import defaults, errors, ops
 from p2psync.crypto.group import mailbox_key
 from p2psync.crypto.identity import Identity, NodeId
 from p2psync.net.relay_client import RelayClient, RelayUnavailable
 from p2psync.net.service_stream import FramedStream, ServiceRefused
 from p2psync.proto import mailbox as wire
-from p2psync.proto.entry import Kind, decode_entry_untrusted, hlc_to_ms
+from p2psync.proto.entry import Entry, Kind, decode_entry_untrusted, hlc_to_ms
 from p2psync.proto.mailbox import MailboxErrorCode
 from p2psync.store.objects import (
     ObjectKind,
@@ -90,12 +120,29 @@ FETCH_WINDOW: Final = 8
 PULL_PAGE: Final = 256
 # Own entries read from the store per push round.
 PUSH_BATCH: Final = 64
+# Items pulled per round before objects are fetched, the cursor saved and
+# ACKed: bounds what a round holds in memory, and a long catch-up shows
+# progress (and is resumed from there after a crash).
+PULL_ROUND: Final = 4 * PULL_PAGE
+# Pulled items that cannot be stored yet (an entry whose feed has a gap
+# here, an object a FETCH could not get just now) kept in memory to try
+# again each round; beyond this the cursor still stays before them, and the
+# next rescan finds them again.
+WAITING_MAX: Final = 4096
+# While items wait, pull again from the saved cursor this often: what did
+# not fit in memory is looked at again, and items the relay dropped stop
+# holding the cursor back.
+RESCAN_INTERVAL_S: Final = 600.0
 # Objects looked up per fetch round (pending blobs can be many).
 FETCH_ROUND: Final = 512
 # Pull even without a NOTIFY this often (a NOTIFY lost with a connection).
 PULL_INTERVAL_S: Final = 300.0
 # After quota-exceeded or storage-full, the next push attempt waits this long.
 QUOTA_RETRY_S: Final = 300.0
+# After relayd refused one of our entries (stamped ahead of its clock, a fork
+# of one it still holds) or an object of an entry it no longer holds, push
+# again this much later, that entry first: it must reach the mailbox.
+REFUSED_RETRY_S: Final = 60.0
 # In auto mode, how often to look again whether every device is connected.
 AUTO_RECHECK_S: Final = 5.0
 # A reply slower than this means relayd is stuck (a dead connection is found
@@ -121,8 +168,8 @@ class MailboxError(errors.RemoteProtocolError):
     """relayd refused a mailbox request; ``code`` is its :class:`MailboxErrorCode` value."""
 
 
-class _StorageRefused(errors.P2PSyncError):
-    """quota-exceeded or storage-full: stop pushing for a while."""
+class _PushPaused(errors.P2PSyncError):
+    """relayd refused a push (quota, or an entry it will take later): push again later."""
 
 
 # --- one stream --------------------------------------------------------------------------
@@ -222,6 +269,17 @@ class MailboxClient:
 # --- the node's mailbox sync -----------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Ingested:
+    """What storing a round's pulled entries did."""
+
+    accepted: list[bytes]  # raw entries the store took
+    duplicates: int
+    rejected: int  # refused for good
+    reasons: list[str]  # every rejection's reason, waiting ones included (for the log)
+    waiting: list[wire.Item]  # not storable yet (seq-gap, clock-skew)
+
+
 @dataclass(slots=True)
 class MailboxStats:
     pushed_entries: int = 0
@@ -230,8 +288,9 @@ class MailboxStats:
     pulled_entries: int = 0  # new entries the store accepted from the mailbox
     pulled_duplicates: int = 0
     fetched_objects: int = 0
-    rejected: int = 0  # items relayd refused, or pulled items our store rejected
-    skipped_old: int = 0  # own entries older than the relay's retention
+    pulls: int = 0  # pulls done (each to relayd's head, the cursor saved and ACKed)
+    rejected: int = 0  # pulled items our store refused for good, or pushes relayd refused
+    skipped_objects: int = 0  # own objects this relay does not take (too large, refused)
 
 
 class MailboxSync:
@@ -253,8 +312,13 @@ class MailboxSync:
         self.pending_uploads: int | None = None
         self.quota_used: int | None = None
         self.holding_back = False
-        self._quota_until = 0.0
-        self.pulled = trio.Event()  # set (and replaced) after every pull round; for tests
+        self._paused_until = 0.0
+        # Pull state of the current stream (see "Pull" in the module docstring).
+        self._scanned = 0  # items up to here were looked at; >= pull_cursor
+        self._waiting: dict[int, wire.Item] = {}  # cursor -> item not stored yet, in order
+        self._overflow: int | None = None  # lowest cursor of a waiting item not kept
+        self._rescan_at = 0.0
+        self.pulled = trio.Event()  # set (and replaced) after every pull; for tests
 
     @property
     def relay_id(self) -> bytes:
@@ -270,6 +334,7 @@ class MailboxSync:
             "log_id": joined.log_id.hex() if joined else None,
             "head": max(joined.head, 0) if joined else None,
             "pull_cursor": self.pull_cursor,
+            "waiting": len(self._waiting),
             "push_cursor": self.push_cursor,
             "pending_uploads": self.pending_uploads,
             "holding_back": self.holding_back,
@@ -309,10 +374,10 @@ class MailboxSync:
                 self.last_error = str(exc)
                 log.info("relay has no mailbox for us (%s); asking again later", exc)
                 wait = UNAVAILABLE_RETRY_S
-            except _StorageRefused as exc:
+            except _PushPaused as exc:
                 self.last_error = str(exc)
                 log.warning("mailbox push paused: %s", exc)
-                wait = max(0.0, self._quota_until - trio.current_time())
+                wait = max(0.0, self._paused_until - trio.current_time())
             except MailboxError as exc:
                 self.state = "error"
                 self.last_error = str(exc)
@@ -358,54 +423,170 @@ class MailboxSync:
 
     async def _pull_session(self, client: MailboxClient) -> None:
         self.pull_cursor, _ = await self._load_state(client.joined.log_id)
+        self._start_scan()
         while True:
             seen = await self._pull_all(client)
             # Wait for a head past the one the last ITEMS reported: items up to
             # it were either pulled or are gone (expired), so never busy-loop.
-            with trio.move_on_after(PULL_INTERVAL_S):
+            timeout = PULL_INTERVAL_S
+            if self._holding():
+                timeout = min(timeout, max(1.0, self._rescan_at - trio.current_time()))
+            with trio.move_on_after(timeout):
                 await client.wait_notify(seen)
 
+    def _start_scan(self) -> None:
+        """Look at everything after the saved cursor again (a new stream, or a rescan)."""
+        self._scanned = self.pull_cursor
+        self._waiting = {}
+        self._overflow = None
+        self._rescan_at = trio.current_time() + RESCAN_INTERVAL_S
+
+    def _holding(self) -> bool:
+        return bool(self._waiting) or self._overflow is not None
+
     async def _pull_all(self, client: MailboxClient) -> int:
-        """Pull everything after the cursor, fetch missing objects, ACK; relayd's head."""
-        node, store = self.node, self.node.store
-        log_id = client.joined.log_id
+        """Pull rounds until relayd has nothing more; relayd's head."""
+        if self._holding() and trio.current_time() >= self._rescan_at:
+            self._start_scan()
+        tried: set[bytes] = set()  # FETCHed during this pull (each object once)
+        gone: set[bytes] = set()  # of those, what relayd does not have
         while True:
-            page = await client.request(wire.Pull(self.pull_cursor, PULL_PAGE), wire.Items)
-            raws = [item.raw for item in page.items if isinstance(item, wire.EntryItem)]
-            if raws:
-                result = await node.locked(store.insert_entries, raws, now_ms=ops.now_ms())
-                accepted = [entry.encode() for entry in result.accepted]
-                self.stats.pulled_entries += len(accepted)
-                self.stats.pulled_duplicates += result.duplicates
-                self.stats.rejected += len(result.rejected)
-                if result.rejected:
-                    log.info("mailbox: the store rejected %d pulled entries (%s)",
-                             len(result.rejected),
-                             ", ".join(sorted({r for _, r in result.rejected})))  # fmt: skip
-                node.mailbox_received(accepted)
-            if page.items:
-                self.pull_cursor = page.items[-1].cursor
-                await node.locked(
-                    store.save_mailbox_state, self.relay_id, self.mailbox, log_id,
-                    pull=self.pull_cursor,
-                )  # fmt: skip
-            if self.joined is not None:
-                self.joined = wire.Joined(
-                    log_id, page.head, self.joined.used, self.joined.quota,
-                    self.joined.ttl_s, self.joined.max_item,
-                )  # fmt: skip
-            if not page.has_more:
+            more, head = await self._pull_round(client, tried, gone)
+            if not more:
                 break
-        await self._fetch_missing(client)
-        await client.request(wire.Ack(self.pull_cursor), wire.Acked)
+        self.stats.pulls += 1
         self.pulled.set()
         self.pulled = trio.Event()
-        return page.head
+        return head
 
-    async def _fetch_missing(self, client: MailboxClient) -> None:
-        """FETCH what pending blobs still lack, until a round adds nothing."""
+    async def _pull_round(
+        self, client: MailboxClient, tried: set[bytes], gone: set[bytes]
+    ) -> tuple[bool, int]:
+        """One round: pull, store entries, fetch objects, then save and ACK the cursor.
+
+        Returns (whether relayd has more, its head).
+        """
         node, store = self.node, self.node.store
-        tried: set[bytes] = set()
+        log_id = client.joined.log_id
+        pulled: list[wire.Item] = []
+        while True:
+            page = await client.request(wire.Pull(self._scanned, PULL_PAGE), wire.Items)
+            pulled += page.items
+            if page.items:
+                self._scanned = page.items[-1].cursor
+            if not page.has_more or len(pulled) >= PULL_ROUND:
+                break
+        # Waiting items first: they came before these, and their turn may have come.
+        items = [*self._waiting.values(), *pulled]
+        waiting: list[wire.Item] = []
+        entries = [item for item in items if isinstance(item, wire.EntryItem)]
+        if entries:
+            ingested = await node.locked(self._ingest, entries, ops.now_ms())
+            self.stats.pulled_entries += len(ingested.accepted)
+            self.stats.pulled_duplicates += ingested.duplicates
+            self.stats.rejected += ingested.rejected
+            if ingested.reasons:
+                log.info("mailbox: %d pulled entries not stored (%s); %d wait for their turn",
+                         len(ingested.reasons), ", ".join(sorted(set(ingested.reasons))),
+                         len(ingested.waiting))  # fmt: skip
+            waiting += ingested.waiting
+            node.mailbox_received(ingested.accepted)
+        objects = [item for item in items if isinstance(item, wire.ObjectItem)]
+        for listed in objects:  # listed now: worth a FETCH even if one failed before
+            tried.discard(listed.object_id)
+            gone.discard(listed.object_id)
+        await self._fetch_missing(client, tried, gone)
+        if objects:
+            waiting += await node.locked(self._objects_missing, objects, gone)
+        self._waiting = {}
+        for item in sorted(waiting, key=lambda item: item.cursor):
+            if len(self._waiting) < WAITING_MAX:
+                self._waiting[item.cursor] = item
+            elif self._overflow is None or item.cursor < self._overflow:
+                self._overflow = item.cursor
+        # Never past an item not stored yet: just before the first one waiting.
+        first = min([*self._waiting, *([self._overflow] if self._overflow is not None else [])],
+                    default=None)  # fmt: skip
+        target = self._scanned if first is None else first - 1
+        if target > self.pull_cursor:
+            self.pull_cursor = target
+            await node.locked(
+                store.save_mailbox_state, self.relay_id, self.mailbox, log_id,
+                pull=self.pull_cursor,
+            )  # fmt: skip
+        await client.request(wire.Ack(self.pull_cursor), wire.Acked)
+        if self.joined is not None:
+            self.joined = wire.Joined(
+                log_id, page.head, self.joined.used, self.joined.quota,
+                self.joined.ttl_s, self.joined.max_item,
+            )  # fmt: skip
+        return page.has_more, page.head
+
+    def _ingest(self, items: list[wire.EntryItem], now_ms: int) -> _Ingested:
+        """Store pulled entries; sort those not stored into waiting and refused (blocking).
+
+        Entries go in feed order (author, seq): an entry that waited for an
+        earlier one of its feed is stored in the same call as that one,
+        whichever came first in the mailbox.
+        """
+        store = self.node.store
+        decoded: list[tuple[wire.EntryItem, Entry]] = []
+        malformed: list[bytes] = []  # the store refuses these for good, and says why
+        for item in items:
+            try:
+                decoded.append((item, decode_entry_untrusted(item.raw)))
+            except errors.BadFrame:
+                malformed.append(item.raw)
+        decoded.sort(key=lambda pair: (pair[1].author.raw, pair[1].seq))
+        raws = [item.raw for item, _ in decoded] + malformed
+        result = store.insert_entries(raws, now_ms=now_ms)
+        frontier = store.frontier()
+        group_id = store.keys.group_id
+        waiting: list[wire.Item] = []
+        for item, entry in decoded:
+            held = frontier.get(entry.author, 0)
+            if entry.group_id != group_id or entry.seq <= held:
+                continue  # stored (or a fork of what we hold, another group: never storable)
+            too_early = hlc_to_ms(entry.hlc) > now_ms + defaults.MAX_CLOCK_SKEW_MS
+            if entry.seq > held + 1 or too_early:
+                waiting.append(item)  # seq-gap or clock-skew: its turn comes
+        # Every waiting entry was rejected; the other rejections are for good.
+        return _Ingested(
+            accepted=result.accepted_raws,
+            duplicates=result.duplicates,
+            rejected=len(result.rejected) - len(waiting),
+            reasons=[reason for _, reason in result.rejected],
+            waiting=waiting,
+        )
+
+    def _objects_missing(self, items: list[wire.ObjectItem], gone: set[bytes]) -> list[wire.Item]:
+        """The pulled objects still wanted and not held here, that relayd may still give."""
+        store = self.node.store
+        wanted = set(store.wanted_blobs())
+        missing_of: dict[bytes, set[bytes] | None] = {}
+        missing: list[wire.Item] = []
+        for item in items:
+            if item.blob not in wanted or item.object_id in gone:
+                continue
+            if item.blob not in missing_of:  # None: its root is not here, so neither is the list
+                held_root = store.has_object(item.blob)
+                missing_of[item.blob] = set(store.missing_objects(item.blob)) if held_root else None
+            of_blob = missing_of[item.blob]
+            if (of_blob is None and not store.has_object(item.object_id)) or (
+                of_blob is not None and item.object_id in of_blob
+            ):
+                missing.append(item)
+        return missing
+
+    async def _fetch_missing(
+        self, client: MailboxClient, tried: set[bytes], gone: set[bytes]
+    ) -> None:
+        """FETCH what pending blobs still lack, until a round adds nothing.
+
+        ``tried``: objects FETCHed already in this pull (not asked again);
+        ``gone`` gains those relayd does not have.
+        """
+        node, store = self.node, self.node.store
 
         def missing() -> list[bytes]:
             found: list[bytes] = []
@@ -428,11 +609,11 @@ class MailboxSync:
                 inflight: collections.deque[bytes] = collections.deque()
                 for oid in claimed:
                     if len(inflight) >= FETCH_WINDOW:
-                        added += await self._take_object(client, inflight.popleft())
+                        added += await self._take_object(client, inflight.popleft(), gone)
                     await client.send(wire.Fetch(oid))
                     inflight.append(oid)
                 while inflight:
-                    added += await self._take_object(client, inflight.popleft())
+                    added += await self._take_object(client, inflight.popleft(), gone)
             finally:
                 for oid in claimed:
                     node.object_claims.release(oid, self)
@@ -441,10 +622,12 @@ class MailboxSync:
             else:
                 return
 
-    async def _take_object(self, client: MailboxClient, oid: bytes) -> int:
+    async def _take_object(self, client: MailboxClient, oid: bytes, gone: set[bytes]) -> int:
         message = await client.reply()
         if isinstance(message, wire.Error):
-            return 0  # not there (expired, or its pusher has not sent it yet)
+            if message.known_code is MailboxErrorCode.NOT_FOUND:
+                gone.add(oid)  # expired, damaged, or its pusher has not sent it yet
+            return 0  # else try-again: relayd kept it; it waits for the next pull
         if not isinstance(message, wire.ObjectData) or message.object_id != oid:
             raise errors.RemoteProtocolError("mailbox answered FETCH with something else")
         try:
@@ -459,8 +642,8 @@ class MailboxSync:
     # --- push ------------------------------------------------------------------------------
 
     async def _push_session(self, client: MailboxClient) -> None:
-        if trio.current_time() < self._quota_until:
-            raise _StorageRefused("waiting for the relay to have room again")
+        if trio.current_time() < self._paused_until:
+            raise _PushPaused("waiting before pushing to the relay again")
         _, self.push_cursor = await self._load_state(client.joined.log_id)
         node = self.node
         while True:
@@ -488,9 +671,20 @@ class MailboxSync:
         node, store = self.node, self.node.store
         joined = client.joined
         batch = await node.locked(store.own_entries_after, self.push_cursor, PUSH_BATCH)
-        oldest_ms = ops.now_ms() - joined.ttl_s * 1000
         inflight: collections.deque[tuple[int | None, str]] = collections.deque()
         pushed_to = self.push_cursor
+        paused: _PushPaused | None = None
+
+        def pause(delay: float, why: str) -> None:
+            nonlocal paused
+            if paused is None:  # the first refusal says why; the rest is drained
+                self._paused_until = trio.current_time() + delay
+                paused = _PushPaused(why)
+
+        def skip_object(oid: bytes, why: str) -> None:
+            self.stats.skipped_objects += 1
+            log.warning("mailbox: object %s not pushed (%s); devices get it from a peer",
+                        oid.hex()[:12], why)  # fmt: skip
 
         async def settle() -> None:
             nonlocal pushed_to
@@ -507,14 +701,21 @@ class MailboxSync:
                     self.stats.already_there += 1
             elif isinstance(message, wire.Error):
                 code = message.known_code
+                text = f"relay mailbox: {message.label}: {message.message}"
                 if code in (MailboxErrorCode.QUOTA_EXCEEDED, MailboxErrorCode.STORAGE_FULL):
-                    self._quota_until = trio.current_time() + QUOTA_RETRY_S
-                    raise _StorageRefused(f"relay mailbox: {message.label}: {message.message}")
-                self.stats.rejected += 1
-                log.warning("mailbox refused our %s: %s: %s", what, message.label, message.message)
+                    pause(QUOTA_RETRY_S, text)
+                elif what != "entry" and code in (
+                    MailboxErrorCode.TOO_LARGE,
+                    MailboxErrorCode.BAD_OBJECT,
+                ):
+                    skip_object(bytes.fromhex(what), text)  # this relay will never take it
+                else:
+                    self.stats.rejected += 1
+                    ours = "entry" if what == "entry" else "object"
+                    pause(REFUSED_RETRY_S, f"our {ours}: {text}")
             else:
                 raise errors.RemoteProtocolError(f"mailbox answered a push with {message!r}")
-            if marker is not None:
+            if marker is not None and paused is None:
                 pushed_to = marker
 
         async def push(request: wire.NodeToRelay, what: str) -> None:
@@ -525,22 +726,21 @@ class MailboxSync:
 
         try:
             for local_cursor, raw in batch:
+                if paused is not None:
+                    break
                 entry = decode_entry_untrusted(raw)
-                if hlc_to_ms(entry.hlc) < oldest_ms:
-                    self.stats.skipped_old += 1
-                    if not inflight:
-                        pushed_to = local_cursor
-                    else:  # done once what is in flight before it is
-                        inflight[-1] = (local_cursor, inflight[-1][1])
-                    continue
                 objects: list[bytes] = []
                 if entry.kind is Kind.PUT:
                     objects = await node.locked(self._blob_objects, entry.blob)
                 await push(wire.PushEntry(raw), "entry")
                 for oid in objects:
                     data = await node.locked(self._read_object, oid)
-                    if data is not None:  # else gone here (deleted since): push the rest
-                        await push(wire.PushChunk(entry.blob, oid, data), "object")
+                    if data is None:
+                        continue  # gone here (superseded or deleted since): push the rest
+                    if len(data) > joined.max_item:
+                        skip_object(oid, f"{len(data)} bytes; this relay takes {joined.max_item}")
+                        continue
+                    await push(wire.PushChunk(entry.blob, oid, data), oid.hex())
                 # The entry counts as pushed when the reply to its last request
                 # arrives (replies come in order; push() leaves that one in flight).
                 inflight[-1] = (local_cursor, inflight[-1][1])
@@ -554,6 +754,8 @@ class MailboxSync:
                         store.save_mailbox_state, self.relay_id, self.mailbox,
                         joined.log_id, push=pushed_to,
                     )  # fmt: skip
+        if paused is not None:
+            raise paused
 
     def _blob_objects(self, blob: bytes) -> list[bytes]:
         """Object ids of a local blob, root first (blocking: the store)."""

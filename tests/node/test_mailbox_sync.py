@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,8 +26,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2psync.crypto.group import GroupSecret, mailbox_key
-from p2psync.crypto.identity import Identity
+from p2psync.crypto.group import GroupKeys, GroupSecret, mailbox_key
+from p2psync.crypto.identity import Identity, NodeId
 from p2psync.home import Home
 from p2psync.mailbox_sync import MailboxClient
 from p2psync.net.endpoint import EndpointConfig, open_endpoint
@@ -35,7 +37,7 @@ from p2psync.proto import mailbox as wire
 from p2psync.proto.entry import Kind, decode_entry_untrusted, sign_entry
 from p2psync.proto.relay import RELAY_ALPN
 from p2psync.store.objects import OVERHEAD, Meta, ObjectKind, object_id, seal, seal_meta
-from relayd.config import HostPort, RelaydConfig
+from relayd.config import HostPort, MailboxConfig, RelaydConfig
 from relayd.relay import RelaydAddresses, load_or_create_identity, serve
 
 from .conftest import wait_until
@@ -46,9 +48,14 @@ FAST = RelayClientConfig(backoff_initial=0.05, backoff_max=0.5, ping_interval=1.
 
 
 @asynccontextmanager
-async def relay_with_data(data: Path) -> AsyncIterator[RelaydAddresses]:
+async def relay_with_data(
+    data: Path, mailbox: MailboxConfig | None = None
+) -> AsyncIterator[RelaydAddresses]:
     config = RelaydConfig(
-        listen=HostPort("127.0.0.1", 0), http=HostPort("127.0.0.1", 0), data_dir=str(data)
+        listen=HostPort("127.0.0.1", 0),
+        http=HostPort("127.0.0.1", 0),
+        data_dir=str(data),
+        mailbox=mailbox or MailboxConfig(),
     )
     async with trio.open_nursery() as nursery:
         addresses: RelaydAddresses = await nursery.start(partial(serve, config))
@@ -72,6 +79,16 @@ def complete_keys(node: Node) -> set[str]:
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+async def metrics(http: HostPort) -> str:
+    stream = await trio.open_tcp_stream(http.host, http.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while data := await stream.receive_some(65536):
+            chunks.append(data)
+    return b"".join(chunks).decode()
 
 
 async def until(predicate: Callable[[], bool]) -> None:
@@ -187,6 +204,163 @@ async def test_auto_mode_holds_back_while_every_device_is_connected(
                 # B went away: A pushes what B might still miss.
                 await until(lambda: mailbox.pending_uploads == 0)
                 assert mailbox.stats.pushed_entries >= 1
+
+
+async def test_entries_older_than_the_retention_are_pushed_and_arrive(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A's first writes are 8 days old (beyond the 7-day TTL): pushed anyway, B gets all."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    old_ms = time.time_ns() // 1_000_000 - 8 * 24 * 3600 * 1000
+    store = a_home.open_store()
+    try:
+        for i in range(3):
+            blob, size = store.put_blob(io.BytesIO(b"old %d" % i))
+            store.append(Kind.PUT, Meta(key=f"old/{i}"), now_ms=old_ms + i, blob=blob, size=size)
+    finally:
+        store.close()
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data") as relay:
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay))
+            async with open_node(a_home, options) as a:
+                await a.put_bytes(b"new", key="new")
+                await until(lambda: a.mailbox is not None and a.mailbox.pending_uploads == 0)
+                assert a.mailbox is not None and a.mailbox.stats.pushed_entries == 4
+            async with open_node(b_home, options) as b:
+                wanted = {"old/0", "old/1", "old/2", "new"}
+                await wait_until(b, lambda: wanted <= complete_keys(b))
+                assert await b.get_bytes("old/2") == b"old 2"
+                assert b.mailbox is not None and b.mailbox.stats.rejected == 0
+
+
+@asynccontextmanager
+async def raw_member(
+    relay: RelaydAddresses, key: Identity
+) -> AsyncIterator[tuple[Identity, MailboxClient]]:
+    """A device that talks to the mailbox by hand (its entries are signed by the test)."""
+    me = Identity.generate(os.urandom)
+    config = EndpointConfig(bind_host="127.0.0.1", alpn=(RELAY_ALPN,))
+    async with (
+        open_endpoint(me, config) as endpoint,
+        open_relay_client(endpoint, me, relay.udp, relay.node_id, (), config=FAST,
+                          rng=random.Random(4)) as client,
+    ):  # fmt: skip
+        await client.wait_connected()
+        async with MailboxClient.open(client, key, me.node_id, notify=False) as mailbox:
+            yield me, mailbox
+
+
+def feed(author: Identity, keys: GroupKeys, count: int) -> list[bytes]:
+    """``count`` signed entries of ``author``'s feed, in order."""
+    raws, prev = [], b""
+    now_ms = time.time_ns() // 1_000_000
+    for seq in range(1, count + 1):
+        entry = sign_entry(
+            author, group_id=keys.group_id, seq=seq, prev=prev, hlc=(now_ms + seq) << 16,
+            kind=Kind.DELETE, blob=b"", size=0,
+            meta=seal_meta(keys, Meta(key=f"x/{seq}"), os.urandom),
+        )  # fmt: skip
+        raws.append(entry.encode())
+        prev = entry.entry_id
+    return raws
+
+
+def relay_acked(data: Path, node: NodeId) -> int:
+    db = sqlite3.connect(data / "mailbox" / "mailbox.sqlite")
+    try:
+        row = db.execute("SELECT acked FROM devices WHERE node = ?", (node.raw,)).fetchone()
+    finally:
+        db.close()
+    return int(row[0])
+
+
+async def test_entries_after_a_gap_wait_and_hold_the_cursor(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Seq 4-6 of X's feed arrive before 1-3: B stores nothing early, loses nothing, ACKs nothing
+    past what it holds; once 1-3 come, it stores all six and moves on."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    keys = secret.keys()
+    b_home = make_home("b", secret)
+    data = tmp_path / "relay-data"
+    with trio.fail_after(120):
+        async with (
+            relay_with_data(data) as relay,
+            raw_member(relay, mailbox_key(keys)) as (x, pusher),
+        ):
+            raws = feed(x, keys, 6)
+            for raw in raws[3:]:
+                await pusher.request(wire.PushEntry(raw), wire.Pushed)
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="pull")
+            async with open_node(b_home, options) as b:
+                await until(lambda: b.mailbox is not None and b.mailbox.stats.pulls >= 1)
+                mailbox = b.mailbox  # the pull that found them is over (saved, ACKed)
+                assert mailbox is not None and mailbox.status()["waiting"] == 3
+                assert b.store.frontier().get(x.node_id) is None  # nothing of X stored
+                assert mailbox.pull_cursor == 0 and mailbox.stats.rejected == 0
+                assert relay_acked(data, b.node_id) == 0  # not delivered: relayd keeps them
+                # The entries that fill the gap come (here, through the mailbox too).
+                for raw in raws[:3]:
+                    await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                await until(lambda: b.store.frontier().get(x.node_id) == 6)
+                await until(lambda: mailbox.pull_cursor == 6)
+                assert mailbox.status()["waiting"] == 0 and mailbox.stats.rejected == 0
+                await until(lambda: relay_acked(data, b.node_id) == 6)
+
+
+async def test_objects_beyond_the_relays_max_item_are_not_pushed(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """relayd takes items up to 512 KiB: A pushes every entry and the small objects only."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    a_home = make_home("a", secret)
+    small_items = MailboxConfig(max_item_bytes=512 * 1024)
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data", small_items) as relay:
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay))
+            async with open_node(a_home, options) as a:
+                await a.put_bytes(os.urandom(3 * 1024 * 1024 + 10), key="big")  # 4 chunks
+                await a.put_bytes(b"small", key="small")
+                await until(lambda: a.mailbox is not None and a.mailbox.pending_uploads == 0)
+                stats = a.mailbox.stats if a.mailbox is not None else None
+                assert stats is not None
+                # Both entries, the manifest, the big file's last chunk (10 bytes) and the
+                # small file's chunk; three full 1 MiB chunks left out, never sent.
+                assert (stats.pushed_entries, stats.pushed_objects) == (2, 3)
+                assert stats.skipped_objects == 3 and stats.rejected == 0
+                text = await metrics(relay.http)
+                assert 'relayd_mailbox_rejections_total{reason="too-large"} 0' in text
+
+
+async def test_an_entry_relayd_refuses_holds_the_push_cursor(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A's clock was 2 days ahead when it wrote: relayd refuses the entry (clock-skew). A must
+    not move past it (nor push the next one, which would leave a gap): it retries later."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    a_home = make_home("a", secret)
+    ahead_ms = time.time_ns() // 1_000_000 + 2 * 24 * 3600 * 1000
+    store = a_home.open_store()
+    try:
+        store.append(Kind.DELETE, Meta(key="from-the-future"), now_ms=ahead_ms)
+    finally:
+        store.close()
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data") as relay:
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay))
+            async with open_node(a_home, options) as a:
+                await a.put_bytes(b"later", key="later")
+                await until(lambda: a.mailbox is not None and a.mailbox.stats.rejected >= 1)
+                mailbox = a.mailbox
+                assert mailbox is not None
+                await until(lambda: "clock-skew" in (mailbox.last_error or ""))
+                assert mailbox.push_cursor == 0 and mailbox.stats.pushed_entries == 0
+                assert mailbox.pending_uploads == 2
 
 
 # --- relayd SIGKILLed during pushes ----------------------------------------------------------
