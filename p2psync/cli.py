@@ -396,7 +396,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     return run_daemon(_home(args), listen=args.listen, peers=args.peer or [],
                       log_level=args.log_level, mdns=not args.no_mdns,
-                      relay=args.relay, relay_token_file=args.relay_token_file)  # fmt: skip
+                      relay=args.relay, relay_token_file=args.relay_token_file,
+                      mailbox=args.mailbox)  # fmt: skip
 
 
 def _parse_duration(text: str) -> int:
@@ -699,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="file holding the relay's access token, if it requires one (default: "
         "relay_token_file in config.toml); never the token itself: command lines are public",
+    )
+    daemon.add_argument(
+        "--mailbox",
+        metavar="MODE",
+        help="the relay mailbox: auto (push while a device of the group is not connected), "
+        "always, pull (never push) or off (default: mailbox in config.toml, else auto)",
     )
     daemon.add_argument(
         "--no-mdns",

@@ -1,9 +1,10 @@
 """``p2psync daemon``: run a node in the foreground until SIGINT or SIGTERM.
 
-Logs go to stderr (one line each, no keys or payloads). Listening address
-and static peers come from ``config.toml``; flags override ``listen`` and add
-to ``peers``. A ``ready`` log line names the NodeId and the bound address,
-so scripts (and netsim) can wait for it.
+Logs go to stderr (one line each, no keys or payloads). Listening address,
+static peers, relay and mailbox mode come from ``config.toml``; flags
+override ``listen``, ``relay`` and ``mailbox`` and add to ``peers``. A
+``ready`` log line names the NodeId and the bound address, so scripts (and
+netsim) can wait for it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 
 from p2psync import defaults
 from p2psync.home import Home
+from p2psync.mailbox_sync import check_mode
 from p2psync.node import NodeOptions, StaticPeer, open_node, parse_host_port
 from p2psync.pairing import JoinRefused
 
@@ -36,12 +38,13 @@ def options_for(
     mdns: bool = True,
     relay: str | None = None,
     relay_token_file: Path | None = None,
+    mailbox: str | None = None,
 ) -> NodeOptions:
     config = home.load_config()
     listen_text = listen or config.listen or f"0.0.0.0:{defaults.NODE_PORT}"
     static = [StaticPeer.parse(text) for text in (*config.peers, *peers)]
     unique = {peer.node_id: peer for peer in static}  # a flag wins over config
-    return NodeOptions(
+    options = NodeOptions(
         listen=parse_host_port(listen_text),
         peers=tuple(unique.values()),
         control=True,
@@ -49,6 +52,11 @@ def options_for(
         relay=relay or config.relay,
         relay_token=home.relay_token(relay_token_file),  # the flag's file, else config's
     )
+    mode = mailbox or config.mailbox  # the flag, else config's, else the node's default
+    if mode is not None:
+        check_mode(mode)
+        options = dataclasses.replace(options, mailbox=mode)
+    return options
 
 
 async def serve(home: Home, options: NodeOptions) -> None:
@@ -128,6 +136,7 @@ def run_daemon(
     mdns: bool = True,
     relay: str | None = None,
     relay_token_file: Path | None = None,
+    mailbox: str | None = None,
 ) -> int:
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
@@ -137,8 +146,9 @@ def run_daemon(
     # aioquic logs every handshake at INFO; ours already say what matters.
     logging.getLogger("quic").setLevel(max(logging.WARNING, logging.root.level))
     options = options_for(
-        home, listen=listen, peers=peers, mdns=mdns, relay=relay, relay_token_file=relay_token_file
-    )
+        home, listen=listen, peers=peers, mdns=mdns, relay=relay,
+        relay_token_file=relay_token_file, mailbox=mailbox,
+    )  # fmt: skip
     trio.run(serve, home, options)
     log.info("stopped")
     return 0

@@ -6,7 +6,7 @@ Layout (directory mode 0700, key files 0600)::
       identity.key   msgpack [1, seed bin32]          the device's Ed25519 seed
       group.key      msgpack [1, [secret bytes, ...]]  group secrets, one per epoch
       config.toml    user-editable settings (name, listen, peers, relay,
-                     relay_token_file)
+                     relay_token_file, mailbox)
       store.sqlite   entries, objects and blob index (WAL mode)
       objects/       sealed objects, named by BLAKE3 of their bytes
 
@@ -56,7 +56,9 @@ class NodeConfig:
     ``listen`` is ``HOST:PORT`` and each of ``peers`` ``NODEID@HOST:PORT``;
     they are checked when the daemon parses them (:mod:`p2psync.node`).
     ``relay_token_file`` is a path to the file holding the relay's access
-    token, as written (see :meth:`Home.resolve`).
+    token, as written (see :meth:`Home.resolve`). ``mailbox`` is the push
+    mode of the relay's mailbox (``auto``, ``always``, ``pull``, ``off``:
+    :mod:`p2psync.mailbox_sync`); None leaves the node's default.
     """
 
     name: str = ""
@@ -64,6 +66,7 @@ class NodeConfig:
     peers: tuple[str, ...] = ()
     relay: str | None = None
     relay_token_file: str | None = None
+    mailbox: str | None = None
 
 
 def _check_name(name: str) -> str:
@@ -78,7 +81,7 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    known = {"name", "listen", "peers", "relay", "relay_token_file"}
+    known = {"name", "listen", "peers", "relay", "relay_token_file", "mailbox"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
@@ -105,12 +108,23 @@ def parse_config_untrusted(text: str, source: str) -> NodeConfig:
             f"{source}: 'relay_token_file' must be the path of a file holding the relay's "
             'access token, like "relay.token" (relative to the home directory)'
         )
+    mailbox = data.get("mailbox")
+    if mailbox is not None:
+        from p2psync.mailbox_sync import MODES, check_mode
+
+        if not isinstance(mailbox, str):
+            raise ConfigError(f"{source}: 'mailbox' must be one of {', '.join(MODES)}")
+        try:
+            check_mode(mailbox)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     return NodeConfig(
         name=_check_name(name),
         listen=listen,
         peers=tuple(peers),
         relay=relay,
         relay_token_file=token_file,
+        mailbox=mailbox,
     )
 
 
@@ -279,6 +293,8 @@ class Home:
             lines.append(f"relay = {_toml_string(config.relay)}")
         if config.relay_token_file:
             lines.append(f"relay_token_file = {_toml_string(config.relay_token_file)}")
+        if config.mailbox:
+            lines.append(f"mailbox = {_toml_string(config.mailbox)}")
         peers = ", ".join(_toml_string(p) for p in config.peers)
         lines.append(f"peers = [{peers}]")
         _write_private(self.config_file, ("\n".join(lines) + "\n").encode())

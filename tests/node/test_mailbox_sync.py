@@ -501,3 +501,35 @@ async def check_everything_acknowledged(
                 return
         except trio.BrokenResourceError:
             await trio.sleep(0.1)
+
+
+# --- choosing the push mode: config.toml and the daemon flag -------------------------------
+
+
+def test_mailbox_mode_from_config_toml_and_the_daemon_flag(
+    make_home: Callable[..., Home],
+) -> None:
+    from p2psync.cli import build_parser
+    from p2psync.daemon import options_for
+    from p2psync.errors import ConfigError
+    from p2psync.home import parse_config_untrusted
+
+    home = make_home("a", GroupSecret.generate(os.urandom))
+    assert options_for(home, listen="127.0.0.1:0", peers=[]).mailbox == "auto"  # the default
+    home.config_file.write_text('name = "a"\nmailbox = "pull"\n')
+    assert home.load_config().mailbox == "pull"
+    assert options_for(home, listen="127.0.0.1:0", peers=[]).mailbox == "pull"
+    # The flag wins over the file.
+    args = build_parser().parse_args(["daemon", "--mailbox", "always"])
+    assert args.mailbox == "always"
+    assert options_for(home, listen="127.0.0.1:0", peers=[], mailbox=args.mailbox).mailbox == (
+        "always"
+    )
+    with pytest.raises(ConfigError, match="choose one of auto, always, pull, off"):
+        options_for(home, listen="127.0.0.1:0", peers=[], mailbox="sometimes")
+    # Rewriting config.toml (here: setting the relay) keeps the mode.
+    home.set_relay(f"{Identity.generate(os.urandom).node_id}@127.0.0.1:3478")
+    assert home.load_config().mailbox == "pull"
+    for text in ('mailbox = "never"', "mailbox = 1"):
+        with pytest.raises(ConfigError, match=r"config.toml: .*auto, always, pull"):
+            parse_config_untrusted(text, "config.toml")
