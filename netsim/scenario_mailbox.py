@@ -55,7 +55,8 @@ from netsim.scenarios import (
 NOTES: Final = 20
 NOTE_SIZE: Final = 4 * 1024
 BIG_SIZE: Final = 3 * 1024 * 1024 + 12345
-"""Random bytes of the big file: four chunks (a manifest and four objects)."""
+"""Random bytes of the big file: four chunks (three of 1 MiB, one of 12345 bytes), so
+five sealed objects in the mailbox: its manifest and the four chunks."""
 POLL_S: Final = 0.2
 
 
