@@ -145,6 +145,7 @@ async def _over_the_wire(
     from p2psync.net.endpoint import EndpointConfig, open_endpoint
     from p2psync.net.relay_client import open_relay_client, parse_relay_address
     from p2psync.proto import mailbox as wire
+    from p2psync.proto.entry import decode_entry_untrusted
     from p2psync.proto.relay import RELAY_ALPN
 
     relay_id, address = parse_relay_address(relay_text)
@@ -172,7 +173,10 @@ async def _over_the_wire(
     ):
         with trio.fail_after(60):
             await relay.wait_connected()
-        async with MailboxClient.open(relay, key, me.node_id, notify=False) as client:
+        group_id = decode_entry_untrusted(blob_entry).group_id  # the JOIN names it
+        async with MailboxClient.open(
+            relay, key, me.node_id, group_id=group_id, notify=False
+        ) as client:
             sample("start")
             seconds = await pipelined(client, [wire.PushEntry(r) for r in raws[lockstep:]],
                                       PUSH_WINDOW)  # fmt: skip

@@ -192,17 +192,19 @@ class MailboxClient:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, relay: RelayClient, key: Identity, node_id: NodeId, *, notify: bool
+        cls, relay: RelayClient, key: Identity, node_id: NodeId, *, group_id: bytes, notify: bool
     ) -> AsyncIterator[MailboxClient]:
-        """Open the mailbox service on ``relay`` and JOIN the mailbox of ``key``."""
+        """Open the mailbox service on ``relay``; JOIN the mailbox of ``key`` and ``group_id``."""
         stream = await relay.open_service(wire.SERVICE, wire.VERSION, wire.MAX_FRAME)
         try:
             client = cls(stream, wire.Joined(b"\0" * wire.LOG_ID_SIZE, 0, 0, 0, 0, 0))
             challenge = await client._next()
             if not isinstance(challenge, wire.Challenge):
                 raise errors.RemoteProtocolError("mailbox did not start with CHALLENGE")
-            join = wire.sign_join(key, relay.relay_node_id, node_id, challenge.nonce)
-            await stream.send(wire.encode(wire.Join(join.mailbox, join.proof, notify)))
+            join = wire.sign_join(
+                key, group_id, relay.relay_node_id, node_id, challenge.nonce, notify=notify
+            )
+            await stream.send(wire.encode(join))
             client.pending = 1
             client.joined = await client.expect(wire.Joined)
             client.notified = client.joined.head
@@ -365,7 +367,11 @@ class MailboxSync:
             wait = delay
             try:
                 async with MailboxClient.open(
-                    self.relay, self.key, self.node.node_id, notify=what == "pull"
+                    self.relay,
+                    self.key,
+                    self.node.node_id,
+                    group_id=self.node.store.keys.group_id,
+                    notify=what == "pull",
                 ) as client:
                     self._joined(client.joined)
                     await session(client)

@@ -3,9 +3,11 @@
 Theory
 ------
 The mailbox (:mod:`p2psync.proto.mailbox` has the protocol and the
-membership proof) keeps, per **mailbox id** (a group's public mailbox key,
-never a secret), a log of **items**: signed entries, and the sealed objects
-(chunks, manifests) those entries' blobs consist of. Each item has a
+membership proof) keeps, per **mailbox** (filed under the address of a
+group's public mailbox key and its group id, never a secret: see
+:func:`~p2psync.proto.mailbox.mailbox_address`), a log of **items**:
+signed entries, and the sealed objects (chunks, manifests) those entries'
+blobs consist of. Each item has a
 **cursor**, the mailbox's ``head`` plus one, assigned in the same
 ``BEGIN IMMEDIATE`` transaction that inserts the item: cursors have no gaps
 (a refused push rolls back and uses none), are never reused (``head`` only
@@ -18,7 +20,8 @@ Rules the store keeps
 - **Verify before storing** (a relay must never store garbage it will later
   serve): an entry must decode canonically and carry its author's valid
   signature, must not be stamped far in the future, must be of the group the
-  mailbox's first entry named, and must not fork a feed the mailbox holds
+  mailbox is bound to (the group id its JOIN proof signed, part of its
+  address: no pusher can re-bind it), and must not fork a feed the mailbox holds
   (another entry at the same author and seq). An object must hash to the
   name its pusher gives (BLAKE3 of the ciphertext), have a well-formed chunk or manifest
   header, and fit its blob: the blob must be named by a live entry of the
@@ -502,23 +505,40 @@ class MailboxStore:
 
     # --- join, ack -----------------------------------------------------------------------
 
-    def join(self, mailbox: bytes, node: bytes, now: float) -> JoinInfo:
-        """Register ``node`` (its proof checked by the caller) with ``mailbox``, creating it."""
+    def join(
+        self, mailbox: bytes, node: bytes, now: float, *, group_id: bytes | None = None
+    ) -> JoinInfo:
+        """Register ``node`` (its proof checked by the caller) with ``mailbox``, creating it.
+
+        ``group_id``: the group the mailbox takes entries of (relayd's session
+        passes the one the JOIN proof signed, and files the mailbox under an
+        address derived from it); None takes entries of any group.
+        """
         t = int(now)
         config = self.config
         with self._write() as db:
             row = db.execute(
-                "SELECT log_id, head, bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)
+                "SELECT log_id, head, bytes, group_id FROM mailboxes WHERE mailbox = ?",
+                (mailbox,),
             ).fetchone()
             if row is None:
                 log_id = self._random_bytes(LOG_ID_SIZE)
                 db.execute(
-                    "INSERT INTO mailboxes (mailbox, log_id, created, last_used) VALUES (?,?,?,?)",
-                    (mailbox, log_id, t, t),
+                    "INSERT INTO mailboxes (mailbox, log_id, group_id, created, last_used) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (mailbox, log_id, group_id, t, t),
                 )
-                row = (log_id, 0, 0)
+                row = (log_id, 0, 0, group_id)
+            elif group_id is not None and row[3] is not None and bytes(row[3]) != group_id:
+                raise MailboxRefused(
+                    MailboxErrorCode.PROTOCOL, "this mailbox belongs to another group"
+                )
             else:
-                db.execute("UPDATE mailboxes SET last_used = ? WHERE mailbox = ?", (t, mailbox))
+                db.execute(
+                    "UPDATE mailboxes SET last_used = ?, group_id = COALESCE(group_id, ?) "
+                    "WHERE mailbox = ?",
+                    (t, group_id, mailbox),
+                )
             # A registration lapses after retention_s unseen (cleanup deletes it).
             known = db.execute(
                 "SELECT 1 FROM devices WHERE mailbox = ? AND node = ? AND last_seen > ?",
@@ -609,7 +629,7 @@ class MailboxStore:
                  t + self.config.retention_s, blob, entry.size if blob else None,
                  entry.author.raw, entry.seq, raw),
             )  # fmt: skip
-            used = self._added(db, mailbox, cursor, charge, group_id or entry.group_id, t)
+            used = self._added(db, mailbox, cursor, charge, t)
         self.totals = self._read_totals()
         return PushResult(cursor, True, used, evicted)
 
@@ -623,7 +643,7 @@ class MailboxStore:
         written: Path | None = None
         try:
             with self._write() as db:
-                head, used, group_id = self._mailbox_row(db, mailbox)
+                head, used, _ = self._mailbox_row(db, mailbox)
                 owner = db.execute(
                     "SELECT blob_size, expires FROM items WHERE mailbox = ? AND kind = 1 "
                     "AND blob = ? AND expires > ? ORDER BY expires DESC LIMIT 1",
@@ -666,7 +686,7 @@ class MailboxStore:
                     (mailbox, cursor, oid, sender, len(data), charge, t, expires, blob, inline),
                 )
                 db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?, ?)", (mailbox, blob, oid))
-                used = self._added(db, mailbox, cursor, charge, group_id, t)
+                used = self._added(db, mailbox, cursor, charge, t)
         except BaseException:
             if written is not None:
                 written.unlink(missing_ok=True)
@@ -699,19 +719,13 @@ class MailboxStore:
         return None if row is None else int(row[0])
 
     def _added(
-        self,
-        db: sqlite3.Connection,
-        mailbox: bytes,
-        cursor: int,
-        charge: int,
-        group_id: bytes | None,
-        t: int,
+        self, db: sqlite3.Connection, mailbox: bytes, cursor: int, charge: int, t: int
     ) -> int:
         """Account for a new item; returns the mailbox's bytes now."""
         db.execute(
             "UPDATE mailboxes SET head = ?, items = items + 1, bytes = bytes + ?, "
-            "group_id = COALESCE(group_id, ?), last_used = ? WHERE mailbox = ?",
-            (cursor, charge, group_id, t, mailbox),
+            "last_used = ? WHERE mailbox = ?",
+            (cursor, charge, t, mailbox),
         )
         db.execute("UPDATE totals SET items = items + 1, bytes = bytes + ?", (charge,))
         (used,) = db.execute("SELECT bytes FROM mailboxes WHERE mailbox = ?", (mailbox,)).fetchone()

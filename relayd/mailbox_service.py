@@ -183,8 +183,11 @@ class MailboxSession:
                 raise MailboxRefused(
                     MailboxErrorCode.BAD_PROOF, "membership proof does not verify"
                 ) from None
-            info = self.store.join(request.mailbox, self.node_id.raw, now)
-            self.mailbox = request.mailbox
+            # Filed under the mailbox id and the group id the proof signed:
+            # claiming another group id opens another mailbox, never re-binds this one.
+            address = wire.mailbox_address(request.mailbox, request.group_id)
+            info = self.store.join(address, self.node_id.raw, now, group_id=request.group_id)
+            self.mailbox = address
             self.state = SessionState.JOINED
             outcome.subscribe = request.notify
             outcome.replies.append(

@@ -10,18 +10,27 @@ stores ciphertext only, for a bounded time and size, and hands it out in
 the order it accepted it.
 
 **Which mailbox.** Each group has one Ed25519 *mailbox key pair* derived
-from its secret (:func:`p2psync.crypto.group.mailbox_key`). The mailbox id
-relayd files items under **is** the public key. A member proves it belongs
-by signing relayd's fresh challenge, bound to both NodeIds::
+from its secret (:func:`p2psync.crypto.group.mailbox_key`); its public key
+is the **mailbox id**. A member proves it belongs by signing relayd's fresh
+challenge, bound to both NodeIds and to the group id it claims::
 
-    proof = Ed25519-sign(mailbox key, b"p2psync mailbox join v1\\0" ||
-                         relay NodeId || node NodeId || nonce || mailbox id)
+    proof = Ed25519-sign(mailbox key, b"p2psync mailbox join v2\\0" ||
+                         relay NodeId || node NodeId || nonce || mailbox id || group id)
 
 relayd verifies it with the public key alone: it learns the group's public
 routing id, never a secret, and cannot forge a proof for another relay or
 node (both ids are signed) or replay an old one (fresh 32-byte nonce per
 stream). The membership MAC of the sync handshake cannot serve here: a MAC
 can only be checked by someone holding its key.
+
+**The group id is part of the mailbox's name.** relayd files items under
+the *address* ``BLAKE3-derive("p2psync 2026 mailbox address v1", mailbox id
+|| group id)`` (:func:`mailbox_address`) and accepts there only entries of
+that group id. relayd cannot check that a group id belongs to a mailbox key
+(both derive from the secret it never sees), and it need not: a holder of
+the secret who claims another group id gets *another* mailbox, and the
+members' own is untouched. (Pinning the group id of a mailbox on first use
+let any such holder lock every member out by pushing first.)
 
 **What relayd checks before it stores anything** (a relay must never store
 garbage it will later serve): an entry decodes canonically and carries its
@@ -39,11 +48,11 @@ mailbox, and tells the node to start over from 0. Re-pushing an item
 relayd holds returns its existing cursor (idempotent).
 
 Wire format (frames of :mod:`p2psync.proto.framing` on a service stream
-named ``"mailbox"`` version 1, see :mod:`p2psync.proto.services`; bodies are
+named ``"mailbox"`` version 2, see :mod:`p2psync.proto.services`; bodies are
 canonical msgpack arrays; ``->`` node to relay, ``<-`` relay to node)::
 
     <- CHALLENGE  [0, nonce bin32]                      first, right after ACCEPT
-    -> JOIN       [1, mailbox bin32, proof bin64, notify bool]
+    -> JOIN       [1, mailbox bin32, group_id bin32, proof bin64, notify bool]
     <- JOINED     [2, log_id bin16, head u64, used u64, quota u64, ttl_s u64, max_item u32]
     -> PUSH_ENTRY [3, entry bin]                        a signed entry, as encoded
     -> PUSH_CHUNK [4, blob bin32, object_id bin32, object bin]   a sealed object of that blob
@@ -75,6 +84,8 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+import blake3
+
 from p2psync import defaults
 from p2psync.crypto.identity import BadNodeId, Identity, NodeId
 from p2psync.errors import BadFrame
@@ -82,10 +93,11 @@ from p2psync.proto.codec import as_bytes, as_int, as_list, as_str, pack, unpack_
 from p2psync.store.objects import MAX_SEALED_SIZE
 
 SERVICE: Final = "mailbox"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: JOIN names (and its proof signs) the group id
 
 NONCE_SIZE: Final = 32
 MAILBOX_ID_SIZE: Final = 32
+GROUP_ID_SIZE: Final = 32
 PROOF_SIZE: Final = 64
 LOG_ID_SIZE: Final = 16
 HASH_SIZE: Final = 32
@@ -106,7 +118,8 @@ MAX_ERROR_MESSAGE: Final = 200
 # An item header in ITEMS: cursor, kind, id, size, blob, array framing.
 ITEM_HEADER_BYTES: Final = 96
 
-_JOIN_CONTEXT: Final = b"p2psync mailbox join v1\x00"
+_JOIN_CONTEXT: Final = b"p2psync mailbox join v2\x00"
+_ADDRESS_CONTEXT: Final = "p2psync 2026 mailbox address v1"
 
 _CHALLENGE: Final = 0
 _JOIN: Final = 1
@@ -190,6 +203,7 @@ class Challenge:
 @dataclass(frozen=True, slots=True)
 class Join:
     mailbox: bytes
+    group_id: bytes
     proof: bytes
     notify: bool
 
@@ -309,15 +323,20 @@ RelayToNode = Challenge | Joined | Pushed | Items | ObjectData | Acked | Notify 
 # --- the membership proof ------------------------------------------------------------------
 
 
-def join_transcript(relay: NodeId, node: NodeId, nonce: bytes, mailbox: bytes) -> bytes:
-    """What a JOIN proof signs: context, both NodeIds, the relay's nonce, the mailbox id."""
-    return _JOIN_CONTEXT + relay.raw + node.raw + nonce + mailbox
+def join_transcript(
+    relay: NodeId, node: NodeId, nonce: bytes, mailbox: bytes, group_id: bytes
+) -> bytes:
+    """What a JOIN proof signs: context, both NodeIds, the nonce, mailbox id, group id."""
+    return _JOIN_CONTEXT + relay.raw + node.raw + nonce + mailbox + group_id
 
 
-def sign_join(key: Identity, relay: NodeId, node: NodeId, nonce: bytes) -> Join:
-    """A JOIN for ``key``'s mailbox, proving membership to ``relay`` as ``node``."""
+def sign_join(
+    key: Identity, group_id: bytes, relay: NodeId, node: NodeId, nonce: bytes, *, notify: bool
+) -> Join:
+    """A JOIN for ``key``'s mailbox of group ``group_id``, proving membership to ``relay``."""
     mailbox = key.node_id.raw
-    return Join(mailbox, key.sign(join_transcript(relay, node, nonce, mailbox)), notify=False)
+    proof = key.sign(join_transcript(relay, node, nonce, mailbox, group_id))
+    return Join(mailbox, group_id, proof, notify)
 
 
 def verify_join(join: Join, relay: NodeId, node: NodeId, nonce: bytes) -> None:
@@ -326,7 +345,13 @@ def verify_join(join: Join, relay: NodeId, node: NodeId, nonce: bytes) -> None:
         mailbox_key = NodeId(join.mailbox)
     except BadNodeId as exc:
         raise BadFrame(f"mailbox id is not an Ed25519 public key: {exc}") from None
-    mailbox_key.verify(join_transcript(relay, node, nonce, join.mailbox), join.proof)
+    transcript = join_transcript(relay, node, nonce, join.mailbox, join.group_id)
+    mailbox_key.verify(transcript, join.proof)
+
+
+def mailbox_address(mailbox: bytes, group_id: bytes) -> bytes:
+    """Where relayd files a mailbox's items: its id and its group id, hashed together."""
+    return blake3.blake3(mailbox + group_id, derive_key_context=_ADDRESS_CONTEXT).digest()
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -337,8 +362,8 @@ def encode(message: NodeToRelay | RelayToNode) -> bytes:
     match message:
         case Challenge(nonce):
             return pack([_CHALLENGE, nonce])
-        case Join(mailbox, proof, notify):
-            return pack([_JOIN, mailbox, proof, notify])
+        case Join(mailbox, group_id, proof, notify):
+            return pack([_JOIN, mailbox, group_id, proof, notify])
         case Joined(log_id, head, used, quota, ttl_s, max_item):
             return pack([_JOINED, log_id, head, used, quota, ttl_s, max_item])
         case PushEntry(raw):
@@ -405,9 +430,10 @@ def decode_node_to_relay_untrusted(body: bytes) -> NodeToRelay:
     """Parse a node's frame; :class:`~p2psync.errors.BadFrame` for anything else."""
     kind, items = _message(body)
     if kind == _JOIN:
-        mailbox, proof, notify = _fields(items, 3, "JOIN")
+        mailbox, group_id, proof, notify = _fields(items, 4, "JOIN")
         return Join(
             as_bytes(mailbox, "JOIN.mailbox", size=MAILBOX_ID_SIZE),
+            as_bytes(group_id, "JOIN.group_id", size=GROUP_ID_SIZE),
             as_bytes(proof, "JOIN.proof", size=PROOF_SIZE),
             _bool(notify, "JOIN.notify"),
         )
@@ -533,6 +559,7 @@ __all__ = [
     "encode",
     "item_wire_size",
     "join_transcript",
+    "mailbox_address",
     "sign_join",
     "verify_join",
 ]

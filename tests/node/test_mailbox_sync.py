@@ -237,7 +237,7 @@ async def test_entries_older_than_the_retention_are_pushed_and_arrive(
 
 @asynccontextmanager
 async def raw_member(
-    relay: RelaydAddresses, key: Identity
+    relay: RelaydAddresses, keys: GroupKeys
 ) -> AsyncIterator[tuple[Identity, MailboxClient]]:
     """A device that talks to the mailbox by hand (its entries are signed by the test)."""
     me = Identity.generate(os.urandom)
@@ -248,7 +248,9 @@ async def raw_member(
                           rng=random.Random(4)) as client,
     ):  # fmt: skip
         await client.wait_connected()
-        async with MailboxClient.open(client, key, me.node_id, notify=False) as mailbox:
+        async with MailboxClient.open(
+            client, mailbox_key(keys), me.node_id, group_id=keys.group_id, notify=False
+        ) as mailbox:
             yield me, mailbox
 
 
@@ -289,7 +291,7 @@ async def test_entries_after_a_gap_wait_and_hold_the_cursor(
     with trio.fail_after(120):
         async with (
             relay_with_data(data) as relay,
-            raw_member(relay, mailbox_key(keys)) as (x, pusher),
+            raw_member(relay, keys) as (x, pusher),
         ):
             raws = feed(x, keys, 6)
             for raw in raws[3:]:
@@ -456,7 +458,9 @@ async def test_relayd_sigkill_during_pushes_loses_nothing_acknowledged(tmp_path:
                 await relay.wait_connected()
                 async with (
                     trio.open_nursery() as nursery,
-                    MailboxClient.open(relay, key, me.node_id, notify=False) as client,
+                    MailboxClient.open(
+                        relay, key, me.node_id, group_id=keys.group_id, notify=False
+                    ) as client,
                 ):
                     nursery.start_soon(push_until_broken, client)
                     await until(lambda: len(acked) >= 60)
@@ -466,19 +470,24 @@ async def test_relayd_sigkill_during_pushes_loses_nothing_acknowledged(tmp_path:
             with relayd_process(data, udp, http, log) as proc:
                 await wait_logged(log, b"relayd ready", proc, 2)
                 await relay.wait_connected()
-                await check_everything_acknowledged(relay, key, me, acked, big_objects)
+                await check_everything_acknowledged(
+                    relay, key, keys.group_id, me, acked, big_objects
+                )
 
 
 async def check_everything_acknowledged(
     relay: RelayClient,
     key: Identity,
+    group_id: bytes,
     me: Identity,
     acked: dict[bytes, int],
     big_objects: dict[bytes, bytes],
 ) -> None:
     while True:  # the client may still be reconnecting to the restarted relayd
         try:
-            async with MailboxClient.open(relay, key, me.node_id, notify=False) as client:
+            async with MailboxClient.open(
+                relay, key, me.node_id, group_id=group_id, notify=False
+            ) as client:
                 held: dict[bytes, int] = {}
                 after = 0
                 while True:

@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -105,16 +106,21 @@ async def test_notify_proof_and_metrics_over_quic(tmp_path: Path) -> None:
             stream = await b_relay.open_service(wire.SERVICE, wire.VERSION, wire.MAX_FRAME)
             challenge = wire.decode_relay_to_node_untrusted(await stream.receive() or b"")
             assert isinstance(challenge, wire.Challenge)
-            forged = wire.sign_join(stranger, relay.node_id, b.node_id, challenge.nonce)
-            await stream.send(wire.encode(wire.Join(key.node_id.raw, forged.proof, True)))
+            forged = wire.sign_join(stranger, keys.group_id, relay.node_id, b.node_id,
+                                    challenge.nonce, notify=True)  # fmt: skip
+            await stream.send(wire.encode(replace(forged, mailbox=key.node_id.raw)))
             error = wire.decode_relay_to_node_untrusted(await stream.receive() or b"")
             assert isinstance(error, wire.Error) and error.code == MailboxErrorCode.BAD_PROOF
             assert await stream.receive() is None  # fatal: the relay ended the stream
             await stream.aclose()
             # Members: B listens, A pushes; B hears of it, A (the pusher) does not.
             async with (
-                MailboxClient.open(b_relay, key, b.node_id, notify=True) as listener,
-                MailboxClient.open(a_relay, key, a.node_id, notify=True) as pusher,
+                MailboxClient.open(
+                    b_relay, key, b.node_id, group_id=keys.group_id, notify=True
+                ) as listener,
+                MailboxClient.open(
+                    a_relay, key, a.node_id, group_id=keys.group_id, notify=True
+                ) as pusher,
             ):
                 raw = entry(a, keys.group_id, meta, 1, b"")
                 pushed = await pusher.request(wire.PushEntry(raw), wire.Pushed)
@@ -160,7 +166,9 @@ async def test_relay_without_data_dir_offers_no_mailbox() -> None:
     with trio.fail_after(20):
         async with relay_at(None) as relay, device(relay) as (me, client):
             with pytest.raises(ServiceRefused) as refused:
-                async with MailboxClient.open(client, key, me.node_id, notify=False):
+                async with MailboxClient.open(
+                    client, key, me.node_id, group_id=b"\0" * 32, notify=False
+                ):
                     pass
             assert refused.value.code == ServiceRefusal.UNKNOWN_SERVICE
 

@@ -100,7 +100,8 @@ def keys() -> GroupKeys:
 
 @pytest.fixture
 def mailbox(keys: GroupKeys) -> bytes:
-    return mailbox_key(keys).node_id.raw
+    """The address relayd files the group's mailbox under (as a session JOINs it)."""
+    return wire.mailbox_address(mailbox_key(keys).node_id.raw, keys.group_id)
 
 
 @pytest.fixture
@@ -231,7 +232,7 @@ def test_tampered_entries_are_rejected(
 ) -> None:
     store = open_store()
     feed = Feed(keys)
-    store.join(mailbox, feed.node, NOW)
+    store.join(mailbox, feed.node, NOW, group_id=keys.group_id)
     raw = feed.entry()
     for position in (40, len(raw) // 2, len(raw) - 1):  # author, meta, signature
         bad = bytearray(raw)
@@ -242,7 +243,7 @@ def test_tampered_entries_are_rejected(
         )
         assert "bad-signature" in str(error) or "malformed" in str(error)
     refused(MailboxErrorCode.BAD_ENTRY, lambda: store.push_entry(mailbox, feed.node, b"\x93", NOW))
-    # Another group's entry cannot join this mailbox once it holds this group's.
+    # Another group's entry has no place in a mailbox bound to this group.
     store.push_entry(mailbox, feed.node, raw, NOW)
     other = Feed(GroupSecret.generate(os.urandom).keys())
     error = refused(
@@ -637,7 +638,11 @@ def test_fetch_drops_damaged_objects_and_keeps_unreadable_ones(
     # Through the session: a non-fatal ERROR; the stream goes on.
     session = session_for(store, member)
     key = mailbox_key(keys)
-    session.handle(wire.encode(wire.sign_join(key, RELAY.node_id, member.node_id, b"n" * 32)), NOW)
+    join = wire.sign_join(
+        key, keys.group_id, RELAY.node_id, member.node_id, b"n" * 32, notify=False
+    )
+    session.handle(wire.encode(join), NOW)
+    assert session.mailbox == mailbox
     outcome = session.handle(wire.encode(wire.Fetch(third)), NOW)
     answer = reply(outcome.replies)
     assert isinstance(answer, wire.Error) and answer.code == MailboxErrorCode.TRY_AGAIN
@@ -710,25 +715,31 @@ def test_membership_proof_is_required_and_bound(
     assert outcome.close and reply(outcome.replies) == wire.Error(
         int(MailboxErrorCode.PROTOCOL), "JOIN first"
     )
-    # A key that is not the mailbox's, a proof for another relay, another node or
-    # another nonce: all refused.
+    # A key that is not the mailbox's, a proof for another relay, another node,
+    # another nonce or another group id: all refused.
+    group = keys.group_id
+
+    def sign(key: Identity, relay: NodeId, node: NodeId, nonce: bytes) -> wire.Join:
+        return wire.sign_join(key, group, relay, node, nonce, notify=False)
+
     outsider = mailbox_key(GroupSecret.generate(os.urandom).keys())
-    forged = replace(wire.sign_join(outsider, RELAY.node_id, member.node_id, nonce),
-                     mailbox=key.node_id.raw)  # fmt: skip
-    other_relay = wire.sign_join(key, Identity.generate(os.urandom).node_id, member.node_id, nonce)
-    other_node = wire.sign_join(key, RELAY.node_id, Identity.generate(os.urandom).node_id, nonce)
-    old_nonce = wire.sign_join(key, RELAY.node_id, member.node_id, os.urandom(32))
-    for attempt in (forged, other_relay, other_node, old_nonce):
+    forged = replace(sign(outsider, RELAY.node_id, member.node_id, nonce), mailbox=key.node_id.raw)
+    other_relay = sign(key, Identity.generate(os.urandom).node_id, member.node_id, nonce)
+    other_node = sign(key, RELAY.node_id, Identity.generate(os.urandom).node_id, nonce)
+    old_nonce = sign(key, RELAY.node_id, member.node_id, os.urandom(32))
+    other_group = replace(sign(key, RELAY.node_id, member.node_id, nonce), group_id=b"g" * 32)
+    for attempt in (forged, other_relay, other_node, old_nonce, other_group):
         session = session_for(store, member, nonce)
         answer = join(session, attempt)
         assert isinstance(answer, wire.Error) and answer.code == MailboxErrorCode.BAD_PROOF
         assert session.state is SessionState.CLOSED
     assert store.totals.groups == 0  # nothing was created for them
-    # The real proof works, and the mailbox is the public key (no secret on the relay).
+    # The real proof works; the mailbox is filed under the public key and the
+    # group id (no secret on the relay).
     session = session_for(store, member, nonce)
-    answer = join(session, wire.sign_join(key, RELAY.node_id, member.node_id, nonce))
+    answer = join(session, sign(key, RELAY.node_id, member.node_id, nonce))
     assert isinstance(answer, wire.Joined) and answer.head == 0 and len(answer.log_id) == 16
-    assert session.mailbox == key.node_id.raw
+    assert session.mailbox == wire.mailbox_address(key.node_id.raw, keys.group_id)
     feed = Feed(keys, member)
     outcome = session.handle(wire.encode(wire.PushEntry(feed.entry())), NOW)
     assert reply(outcome.replies) == wire.Pushed(1, True, outcome_used(store, session.mailbox))
@@ -744,6 +755,43 @@ def outcome_used(store: MailboxStore, mailbox: bytes) -> int:
     return store.mailbox_stats(mailbox)[2]
 
 
+def test_a_bogus_group_id_cannot_lock_the_members_out(
+    open_store: Callable[..., MailboxStore], keys: GroupKeys
+) -> None:
+    """A holder of the secret JOINs claiming another group id and pushes first: it gets a
+    mailbox of its own; the members' mailbox is untouched and takes only their group's."""
+    store = open_store()
+    key = mailbox_key(keys)
+    rogue, member = Identity.generate(os.urandom), Identity.generate(os.urandom)
+    bogus = b"\xee" * 32
+    rogue_session = session_for(store, rogue)
+    joined = rogue_session.handle(
+        wire.encode(wire.sign_join(key, bogus, RELAY.node_id, rogue.node_id, b"n" * 32,
+                                   notify=False)), NOW,
+    )  # fmt: skip
+    assert isinstance(reply(joined.replies), wire.Joined)
+    bogus_entry = sign_entry(
+        rogue, group_id=bogus, seq=1, prev=b"", hlc=int(NOW * 1000) << 16, kind=Kind.DELETE,
+        blob=b"", size=0, meta=seal_meta(keys, Meta(key="x"), os.urandom),
+    ).encode()  # fmt: skip
+    pushed = rogue_session.handle(wire.encode(wire.PushEntry(bogus_entry)), NOW)
+    assert isinstance(reply(pushed.replies), wire.Pushed)
+    # The members' mailbox: another address, bound to the real group id.
+    session = session_for(store, member)
+    join = wire.sign_join(key, keys.group_id, RELAY.node_id, member.node_id, b"n" * 32,
+                          notify=False)  # fmt: skip
+    answer = reply(session.handle(wire.encode(join), NOW).replies)
+    assert isinstance(answer, wire.Joined) and answer.head == 0
+    assert session.mailbox != rogue_session.mailbox
+    feed = Feed(keys, member)
+    assert isinstance(reply(session.handle(wire.encode(wire.PushEntry(feed.entry())), NOW).replies),
+                      wire.Pushed)  # fmt: skip
+    refusal = reply(session.handle(wire.encode(wire.PushEntry(bogus_entry)), NOW).replies)
+    assert isinstance(refusal, wire.Error) and refusal.code == MailboxErrorCode.BAD_ENTRY
+    assert "wrong-group" in refusal.message
+    assert store.cursors(session.mailbox) == [1]
+
+
 def test_mailbox_key_is_stable_across_epochs_and_distinct_per_group() -> None:
     secret = GroupSecret.generate(os.urandom)
     first = mailbox_key(secret.keys()).node_id
@@ -757,7 +805,7 @@ def test_mailbox_key_is_stable_across_epochs_and_distinct_per_group() -> None:
 def test_wire_round_trips_and_garbage_is_a_clean_error() -> None:
     messages: list[wire.NodeToRelay | wire.RelayToNode] = [
         wire.Challenge(b"c" * 32),
-        wire.Join(b"m" * 32, b"p" * 64, True),
+        wire.Join(b"m" * 32, b"g" * 32, b"p" * 64, True),
         wire.Joined(b"l" * 16, 5, 100, 1000, 60, 4096),
         wire.PushEntry(b"e" * 100),
         wire.PushChunk(b"b" * 32, b"o" * 32, b"d" * 1000),
