@@ -492,8 +492,8 @@ class MailboxSync:
             self.stats.pulled_duplicates += ingested.duplicates
             self.stats.rejected += ingested.rejected
             if ingested.reasons:
-                log.info("mailbox: %d pulled entries not stored (%s); %d wait for their turn",
-                         len(ingested.reasons), ", ".join(sorted(set(ingested.reasons))),
+                log.info("mailbox: the store refused %d pulled entries (%s); %d wait for their "
+                         "turn", len(ingested.reasons), ", ".join(sorted(set(ingested.reasons))),
                          len(ingested.waiting))  # fmt: skip
             waiting += ingested.waiting
             node.mailbox_received(ingested.accepted)
@@ -531,36 +531,53 @@ class MailboxSync:
     def _ingest(self, items: list[wire.EntryItem], now_ms: int) -> _Ingested:
         """Store pulled entries; sort those not stored into waiting and refused (blocking).
 
-        Entries go in feed order (author, seq): an entry that waited for an
-        earlier one of its feed is stored in the same call as that one,
-        whichever came first in the mailbox.
+        Entries go in feed order (author, seq), so one that waited is stored
+        in the same call as the one it waited for, whichever came first in
+        the mailbox. Only entries that can extend their feed now (the next
+        seq, or a run of them from it) reach the store; the others wait
+        without being tried (and logged as rejected) again and again.
         """
         store = self.node.store
-        decoded: list[tuple[wire.EntryItem, Entry]] = []
+        frontier = store.frontier()
+        by_feed: list[tuple[wire.EntryItem, Entry]] = []
         malformed: list[bytes] = []  # the store refuses these for good, and says why
         for item in items:
             try:
-                decoded.append((item, decode_entry_untrusted(item.raw)))
+                by_feed.append((item, decode_entry_untrusted(item.raw)))
             except errors.BadFrame:
                 malformed.append(item.raw)
-        decoded.sort(key=lambda pair: (pair[1].author.raw, pair[1].seq))
-        raws = [item.raw for item, _ in decoded] + malformed
-        result = store.insert_entries(raws, now_ms=now_ms)
+        by_feed.sort(key=lambda pair: (pair[1].author.raw, pair[1].seq))
+        tried: list[tuple[wire.EntryItem, Entry]] = []
+        waiting: list[wire.Item] = []
+        expected: dict[NodeId, int] = {}
+        for item, entry in by_feed:
+            next_seq = expected.setdefault(entry.author, frontier.get(entry.author, 0) + 1)
+            if entry.seq > next_seq:
+                waiting.append(item)  # a gap before it: not yet
+                continue
+            tried.append((item, entry))
+            if entry.seq == next_seq:
+                expected[entry.author] = next_seq + 1
+        raws = [item.raw for item, _ in tried] + malformed
+        result = store.insert_entries(raws, now_ms=now_ms) if raws else None
+        if result is None:
+            return _Ingested([], 0, 0, [], waiting)
         frontier = store.frontier()
         group_id = store.keys.group_id
-        waiting: list[wire.Item] = []
-        for item, entry in decoded:
+        retry = 0
+        for item, entry in tried:
             held = frontier.get(entry.author, 0)
             if entry.group_id != group_id or entry.seq <= held:
                 continue  # stored (or a fork of what we hold, another group: never storable)
             too_early = hlc_to_ms(entry.hlc) > now_ms + defaults.MAX_CLOCK_SKEW_MS
             if entry.seq > held + 1 or too_early:
-                waiting.append(item)  # seq-gap or clock-skew: its turn comes
-        # Every waiting entry was rejected; the other rejections are for good.
+                waiting.append(item)  # seq-gap (one before it failed) or clock-skew
+                retry += 1
+        # Every entry tried and waiting again was rejected; the other rejections are for good.
         return _Ingested(
             accepted=result.accepted_raws,
             duplicates=result.duplicates,
-            rejected=len(result.rejected) - len(waiting),
+            rejected=len(result.rejected) - retry,
             reasons=[reason for _, reason in result.rejected],
             waiting=waiting,
         )

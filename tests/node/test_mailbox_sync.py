@@ -279,7 +279,10 @@ def relay_acked(data: Path, node: NodeId) -> int:
 
 
 async def test_entries_after_a_gap_wait_and_hold_the_cursor(
-    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    make_home: Callable[..., Home],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Seq 4-6 of X's feed arrive before 1-3: B stores nothing early, loses nothing, ACKs nothing
     past what it holds; once 1-3 come, it stores all six and moves on."""
@@ -311,6 +314,8 @@ async def test_entries_after_a_gap_wait_and_hold_the_cursor(
                 await until(lambda: mailbox.pull_cursor == 6)
                 assert mailbox.status()["waiting"] == 0 and mailbox.stats.rejected == 0
                 await until(lambda: relay_acked(data, b.node_id) == 6)
+    # Waiting entries were not handed to the store (and rejected, and logged) again and again.
+    assert "seq-gap" not in caplog.text
 
 
 async def test_objects_beyond_the_relays_max_item_are_not_pushed(
