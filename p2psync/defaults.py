@@ -264,6 +264,10 @@ CONTROL_MAX_REQUEST = 1 * MiB
 CONTROL_MAX_REPLY = 64 * MiB
 # Control API: concurrent client connections to one daemon.
 CONTROL_MAX_CLIENTS = 64
+# Control API: after a client half-closed (shut its sending side, as socat and
+# `nc -N` do when their input ends) the daemon checks this often whether it
+# hung up entirely, to cancel what it was doing for it; it still gets answers.
+CONTROL_HANGUP_POLL = 0.5
 
 # --- store: small objects -----------------------------------------------------
 # Sealed objects up to this size live inside SQLite instead of one file each:
@@ -299,6 +303,12 @@ RELAY_IDENTIFY_TIMEOUT = 10.0
 # Relays pinned on first use per home (known_relays.json): far more than
 # anyone configures; the oldest pin goes.
 KNOWN_RELAYS_MAX = 64
+
+# Ask the home relay for the UDP fast path (p2psync.proto.relay): relayed
+# datagrams go as plain UDP to the relay instead of inside the relay
+# connection's QUIC stream, which cost three extra QUIC stacks per datagram
+# (netsim.bench relay measures both; numbers in p2psync/net/endpoint.py).
+RELAY_FAST_PATH = True
 
 # --- relay service streams (p2psync.proto.services) ---------------------------
 # Streams besides the relay stream a node may hold open on one relay

@@ -25,6 +25,12 @@ JSON. docs/control-api.md is the reference with examples; in short
         sync-progress {blob, key, bytes_done, bytes_total, rate, complete}
         events-dropped {count}  (this reader fell behind on status events)
 
+A client that hangs up cancels what it asked (the server watches every
+connection). Writes (``put``, ``rm``) are shielded from that: their store
+work runs in a worker thread that finishes anyway, and the shield makes sure
+the node also announces the write to peers, so a client that leaves never
+leaves a committed but unannounced value behind.
+
 ``entry`` is :meth:`p2psync.api.Change.to_json`. Paths are resolved by the
 daemon, which runs as the same user (the socket is 0600). ``progress: true``
 on put/get sends ``{"type": "progress", "bytes_done", "bytes_total"}``
@@ -129,7 +135,10 @@ def control_server_for(node: Node) -> ControlServer:
                 anonymous_key = key
 
                 async def put_spool(progress: ops.Progress | None) -> Any:
-                    stored = await node.put_stream_from(path, key=anonymous_key, progress=progress)
+                    with trio.CancelScope(shield=True):  # a write, once begun, completes
+                        stored = await node.put_stream_from(
+                            path, key=anonymous_key, progress=progress
+                        )
                     return ops.entry_json(stored)
 
                 return await with_progress(emit, param_bool(params, "progress"), total, put_spool)
@@ -144,9 +153,10 @@ def control_server_for(node: Node) -> ControlServer:
             total = len(source)
 
         async def put_source(progress: ops.Progress | None) -> Any:
-            change = await node.put(
-                source, key=key, meta=meta, content_type=content_type, progress=progress
-            )
+            with trio.CancelScope(shield=True):  # a write, once begun, completes
+                change = await node.put(
+                    source, key=key, meta=meta, content_type=content_type, progress=progress
+                )
             return change.to_json()
 
         return await with_progress(emit, param_bool(params, "progress"), total, put_source)
@@ -185,7 +195,8 @@ def control_server_for(node: Node) -> ControlServer:
         return await node.ls()
 
     async def rm(params: JsonObject, emit: EmitEvent) -> Any:
-        return (await node.delete(param_str(params, "key"))).to_json()
+        with trio.CancelScope(shield=True):  # a write, once begun, completes
+            return (await node.delete(param_str(params, "key"))).to_json()
 
     async def pull(params: JsonObject, emit: EmitEvent) -> Any:
         after = param_int(params, "after", 0)

@@ -6,16 +6,25 @@ daemon supplies the handlers; this module knows nothing of stores or peers.
 Two kinds of method:
 
 - **requests** (``handlers``): ``handler(params, emit) -> result``. They may
-  ``emit`` events before returning (progress of a long put). The connection's
-  input is not read meanwhile, so a client may pipeline requests.
+  ``emit`` events before returning (progress of a long put). Requests on one
+  connection are answered one after the other; lines that arrive meanwhile
+  are buffered (bounded), so a client may pipeline requests.
 - **streams** (``streams``): same signature, but they may run for ever. While
-  one runs the server keeps reading the connection: ``cancel`` ends the
-  stream, end-of-file cancels it (a client that went away never leaves a
-  task behind), any other request is answered ``busy``.
+  one runs the server reads the connection's requests: ``cancel`` ends the
+  stream, any other request is answered ``busy``.
 
-Bounded: request line length, concurrent clients; a handler that raises
-something unexpected is logged and answered ``internal`` — the daemon keeps
-serving everyone else.
+A client that goes away never leaves a task behind: while *any* method runs
+the server watches the connection, and when the client has gone the handler
+is cancelled and its client slot freed. Gone means hung up (closed, or shut
+down both ways). A half close — the client shut only its sending side, as
+``socat`` and ``nc -N`` do when their input ends — means "no more requests",
+not "gone": what it asked is still answered. End of input is seen at once;
+a hang-up after a half close within :data:`HANGUP_POLL` (``poll(2)`` reports
+``POLLHUP`` only then, and trio offers no wait for it).
+
+Bounded: request line length, buffered pipelined input, concurrent clients;
+a handler that raises something unexpected is logged and answered
+``internal`` — the daemon keeps serving everyone else.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Mapping
@@ -56,6 +66,7 @@ from p2psync.errors import (
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = defaults.CONTROL_MAX_CLIENTS
+HANGUP_POLL = defaults.CONTROL_HANGUP_POLL
 
 EmitEvent = Callable[[JsonObject], Awaitable[None]]
 Handler = Callable[[JsonObject, EmitEvent], Awaitable[Any]]
@@ -103,6 +114,7 @@ class _Lines:
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._buffer = bytearray()
+        self._eof = False
 
     async def next(self) -> bytes | None:
         while True:
@@ -113,10 +125,35 @@ class _Lines:
                 return line
             if len(self._buffer) > MAX_LINE:
                 raise _LineTooLong
-            data = await self._stream.receive_some(65536)
-            if not data:
+            if self._eof or not await self._receive():
                 return None
-            self._buffer += data
+
+    async def _receive(self) -> bool:
+        data = await self._stream.receive_some(65536)
+        if not data:
+            self._eof = True
+            return False
+        self._buffer += data
+        return True
+
+    async def wait_gone(self) -> None:
+        """Return once the client has gone; buffer what it sends meanwhile.
+
+        Reads (so end of input is seen at once) until the buffer holds more
+        than a request line — a client pipelining that much waits for its
+        answers — then, or after a half close, polls for the hang-up.
+        """
+        while not self._eof and len(self._buffer) <= MAX_LINE:
+            await self._receive()
+        while not _hung_up(self._stream.socket):  # noqa: ASYNC110 -- no event for POLLHUP
+            await trio.sleep(HANGUP_POLL)
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """The peer closed its end (not just its sending side): POLLHUP or POLLERR."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)  # HUP and ERR are always reported
+    return any(mask & (select.POLLHUP | select.POLLERR) for _, mask in poller.poll(0))
 
 
 def _unlink(path: Path) -> None:
@@ -134,6 +171,7 @@ class ControlServer:
         self._clients = 0
         self.errors = 0  # error replies sent (bad requests, failed calls)
         self.crashes = 0  # handlers that raised something unexpected
+        self.abandoned = 0  # requests and streams cancelled because their client left
 
     @property
     def clients(self) -> int:
@@ -201,7 +239,11 @@ class ControlServer:
             async def emit(event: JsonObject) -> None:
                 await stream.send_all(event_line(request_id, event))
 
-            result = await handler(request.params, emit)
+            answered, result = await self._while_connected(lines, handler(request.params, emit))
+            if not answered:
+                self.abandoned += 1
+                log.debug("control client left during %s", request.method)
+                return False
             reply = result_line(request_id, result)
         except Exception as caught:
             exc = _unwrap(caught)
@@ -210,6 +252,30 @@ class ControlServer:
             reply = self._error_reply(request_id, exc)
         await stream.send_all(reply)
         return True
+
+    async def _while_connected(self, lines: _Lines, work: Awaitable[Any]) -> tuple[bool, Any]:
+        """``(True, await work)``, or ``(False, None)`` if the client went away first.
+
+        The work is cancelled when the client goes, so a request waiting for
+        ever (``get`` with ``wait`` of a blob no peer has) frees its task and
+        its client slot.
+        """
+        outcome: dict[str, Any] = {}
+
+        async def run(cancel: trio.CancelScope) -> None:
+            outcome["result"] = await work
+            cancel.cancel()
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            await lines.wait_gone()
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, nursery.cancel_scope)
+            nursery.start_soon(watch, nursery.cancel_scope)
+        if "result" not in outcome:
+            return False, None
+        return True, outcome["result"]
 
     def _error_reply(self, request_id: RequestId, exc: BaseException) -> bytes:
         self.errors += 1
@@ -254,7 +320,8 @@ class ControlServer:
             try:
                 while True:
                     line = await lines.next()
-                    if line is None:
+                    if line is None:  # a half close: no more requests, the stream goes on
+                        await lines.wait_gone()
                         outcome["open"] = False
                         break
                     if not line.strip():
@@ -285,6 +352,7 @@ class ControlServer:
             nursery.start_soon(run, nursery.cancel_scope)
             nursery.start_soon(watch_input, nursery.cancel_scope)
         if not outcome["open"]:
+            self.abandoned += 1
             log.debug("control client left during %s", request.method)
             return False
         if outcome["reply"] is not None:

@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ class Line:
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))  # blocking: a timeout would fail on a full backlog
         self.sock.settimeout(20)
-        self.sock.connect(str(path))
         self.reader = self.sock.makefile("rb")
 
     def send(self, message: dict[str, Any] | bytes) -> None:
@@ -292,3 +293,48 @@ async def test_clients_leaving_mid_subscribe_leave_nothing_behind(home: Home) ->
                 assert events[0]["entry"]["key"] == "x"
                 assert (await in_thread(client.call, "pull", {"after": 0}))["cursor"] >= 1
             assert server.crashes == 0
+
+
+async def test_get_pending_and_clients_that_leave_while_waiting(
+    make_home: Callable[..., Home],
+) -> None:
+    """`get` of a value still syncing: `pending`; with wait, a client that hangs up frees all."""
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    with trio.fail_after(60):
+        async with open_node(b_home, NodeOptions(listen=LOOPBACK)) as b:
+            put = await b.put(os.urandom(100_000), key="far/away")  # small: inline get
+            raw = b.store.entries_after(b.node_id, 0, 100)
+        # B is gone for good: A gets the entry (as if B vanished right after gossiping it).
+        async with daemon(a_home, NodeOptions(listen=LOOPBACK)) as (a, server):
+            await a.locked(a.store.insert_entries, raw, now_ms=put.time_ms)
+            sock = a_home.path / SOCKET_NAME
+
+            def ask(**params: Any) -> dict[str, Any]:
+                c = Line(sock)
+                try:
+                    return c.call("get", 1, **params)
+                finally:
+                    c.close()
+
+            pending = await in_thread(partial(ask, target="far/away"))
+            by_blob = await in_thread(partial(ask, target=str(put.blob), output=None))
+            waiters = 70  # more than CONTROL_MAX_CLIENTS: held slots would lock everyone out
+
+            def wait_and_leave() -> None:
+                for i in range(waiters):
+                    c = Line(sock)
+                    c.send(
+                        {"id": i, "method": "get", "params": {"target": "far/away", "wait": True}}
+                    )
+                    c.close()
+
+            await in_thread(wait_and_leave)
+            while server.abandoned < waiters or server.clients:  # noqa: ASYNC110 -- counters
+                await trio.sleep(0.05)
+            assert server.abandoned == waiters
+            served = await in_thread(Line(sock).call, "whoami", 9)
+            assert served["result"]["node_id"] == str(a.node_id)
+            assert server.crashes == 0
+    assert pending["error"]["code"] == "pending"
+    assert by_blob["error"]["code"] == "pending"

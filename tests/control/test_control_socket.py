@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import trio.lowlevel
 
 from p2psync.control.client import ControlClient, DaemonError, connect_if_running
 from p2psync.control.protocol import MAX_LINE, SOCKET_NAME, JsonObject
-from p2psync.control.server import ControlServer, EmitEvent
+from p2psync.control.server import MAX_CLIENTS, ControlServer, EmitEvent
 from p2psync.errors import ConfigError, NotFound
 
 
@@ -32,8 +33,35 @@ async def ticks(params: JsonObject, emit: EmitEvent) -> None:
         await trio.lowlevel.checkpoint()
 
 
-def server() -> ControlServer:
-    return ControlServer({"echo": echo, "missing": missing}, {"ticks": ticks})
+class Hang:
+    """A request that never finishes by itself (like `get` with wait of a blob nobody has)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def __call__(self, params: JsonObject, emit: EmitEvent) -> Any:
+        self.started += 1
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cancelled += 1
+
+
+async def slow(params: JsonObject, emit: EmitEvent) -> Any:
+    await trio.sleep(float(params.get("seconds", 0.3)))
+    return {"slept": True}
+
+
+def server(hang: Hang | None = None) -> ControlServer:
+    handlers = {"echo": echo, "missing": missing, "slow": slow, "hang": hang or Hang()}
+    return ControlServer(handlers, {"ticks": ticks})
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Poll ``check`` (callers bound the time with fail_after)."""
+    while not check():  # noqa: ASYNC110 -- server counters have no event to wait on
+        await trio.sleep(0.02)
 
 
 def raw_exchange(path: Path, payload: bytes, replies: int) -> list[JsonObject]:
@@ -136,6 +164,107 @@ async def test_client_leaving_mid_stream_does_not_hurt_the_daemon(tmp_path: Path
                 raw_exchange, path, b'{"id": 2, "method": "echo"}\n', 1
             )
             assert reply[0]["id"] == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_clients_leaving_during_a_request_are_noticed_and_free_their_slot(
+    tmp_path: Path,
+) -> None:
+    """More clients than the limit ask a never-ending request and hang up: none stays."""
+    path = tmp_path / SOCKET_NAME
+    hang = Hang()
+    control = server(hang)
+    leavers = MAX_CLIENTS + 6
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, path)
+
+            def ask_and_leave() -> None:
+                for i in range(leavers):
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                        sock.connect(str(path))  # blocking: waits while the backlog is full
+                        sock.sendall(b'{"id": %d, "method": "hang"}\n' % i)
+
+            await trio.to_thread.run_sync(ask_and_leave)
+            await until(lambda: hang.cancelled == leavers)
+            await until(lambda: control.clients == 0)
+            assert hang.started == leavers and control.abandoned == leavers
+            again = await trio.to_thread.run_sync(
+                raw_exchange, path, b'{"id": "after", "method": "echo"}\n', 1
+            )
+            assert again == [{"id": "after", "result": {"echo": {}}}]  # not `busy`
+            nursery.cancel_scope.cancel()
+
+
+async def test_too_many_clients_get_busy_until_one_leaves(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    hang = Hang()
+    control = server(hang)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, path)
+
+            def connect_all() -> list[socket.socket]:  # a thread: the server must accept
+                held = []
+                for i in range(MAX_CLIENTS):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.connect(str(path))  # blocking: waits while the backlog is full
+                    sock.sendall(b'{"id": %d, "method": "hang"}\n' % i)
+                    held.append(sock)
+                return held
+
+            held = await trio.to_thread.run_sync(connect_all)
+            await until(lambda: hang.started == MAX_CLIENTS)
+            refused = await trio.to_thread.run_sync(
+                raw_exchange, path, b'{"id": 1, "method": "echo"}\n', 1
+            )
+            assert refused[0]["id"] is None
+            assert refused[0]["error"]["code"] == "busy"
+            assert "too many clients" in refused[0]["error"]["message"]
+            held.pop().close()
+            await until(lambda: control.clients == MAX_CLIENTS - 1)
+            served = await trio.to_thread.run_sync(
+                raw_exchange, path, b'{"id": 2, "method": "echo"}\n', 1
+            )
+            assert served == [{"id": 2, "result": {"echo": {}}}]
+            for sock in held:
+                sock.close()
+            await until(lambda: control.clients == 0)
+            assert hang.cancelled == MAX_CLIENTS
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_half_closed_client_still_gets_its_answers(tmp_path: Path) -> None:
+    """`echo REQUEST | socat - UNIX-CONNECT:...` shuts its sending side, then reads."""
+    path = tmp_path / SOCKET_NAME
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server().serve, path)
+
+            def half_close(payload: bytes) -> list[JsonObject]:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(10)
+                    sock.connect(str(path))
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    reader = sock.makefile("rb")
+                    replies = [json.loads(line) for line in reader]  # until the daemon closes
+                    return replies
+
+            replies = await trio.to_thread.run_sync(
+                half_close,
+                b'{"id": 1, "method": "slow", "params": {"seconds": 0.3}}\n'
+                b'{"id": 2, "method": "echo"}\n',
+            )
+            assert replies == [
+                {"id": 1, "result": {"slept": True}},
+                {"id": 2, "result": {"echo": {}}},
+            ]
+            streamed = await trio.to_thread.run_sync(
+                half_close, b'{"id": 3, "method": "ticks", "params": {"count": 3}}\n'
+            )
+            assert [r.get("event", {}).get("n") for r in streamed] == [0, 1, 2, None]
+            assert streamed[-1] == {"id": 3, "result": {"done": True}}
             nursery.cancel_scope.cancel()
 
 
