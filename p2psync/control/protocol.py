@@ -19,8 +19,8 @@ at most :data:`MAX_LINE` bytes)::
     -> {"id": 9, "method": "cancel"}                                  (optional)
     <- {"id": 8, "result": {"done": true, "cancelled": true}}
 
-``id`` is any JSON string or integer chosen by the client and echoed back;
-every reply and event carries the id of its request. Requests on one
+``id`` is required: any JSON string or integer chosen by the client and
+echoed back; every reply and event carries the id of its request. Requests on one
 connection are answered in order (a client may pipeline them). Some
 requests also send events before their result (``put``/``get`` with
 ``"progress": true``). A *stream* (``subscribe``) runs until the client
@@ -46,7 +46,7 @@ MAX_LINE = defaults.CONTROL_MAX_REQUEST
 SOCKET_NAME = "control.sock"
 
 JsonObject = dict[str, Any]
-RequestId = str | int | None
+RequestId = str | int | None  # None only in replies to a request whose id is unreadable
 
 
 class ErrorCode(enum.StrEnum):
@@ -66,7 +66,7 @@ class ErrorCode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    id: RequestId
+    id: str | int
     method: str
     params: JsonObject = field(default_factory=dict)
 
@@ -90,9 +90,11 @@ def decode_request_untrusted(line: bytes) -> Request:
     if not isinstance(value, dict):
         raise ControlError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
     request_id = value.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int)
-    ):
+    if request_id is None:  # missing or null: nothing to echo, so nothing to match replies to
+        raise ControlError(
+            ErrorCode.BAD_REQUEST, "every request needs an 'id' (a string or an integer)"
+        )
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
         raise ControlError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer")
     method = value.get("method")
     if not isinstance(method, str):

@@ -111,13 +111,18 @@ async def test_malformed_lines_get_errors_and_the_connection_survives(tmp_path: 
                 b'{"id": 5, "method": 7}\n'
                 b'{"id": 6, "method": "echo", "params": "x"}\n'
                 b"\xff\xfe\n"
+                b'{"method": "echo"}\n'
+                b'{"id": null, "method": "echo"}\n'
+                b'{"id": true, "method": "echo"}\n'
                 b'{"id": 9, "method": "echo", "params": {"ok": true}}\n'
             )
-            replies = await trio.to_thread.run_sync(raw_exchange, path, payload, 6)
-            codes = [r.get("error", {}).get("code") for r in replies[:5]]
-            assert codes == ["bad-request"] * 5
-            assert replies[2]["id"] == 5
-            assert replies[5] == {"id": 9, "result": {"echo": {"ok": True}}}
+            replies = await trio.to_thread.run_sync(raw_exchange, path, payload, 9)
+            codes = [r.get("error", {}).get("code") for r in replies[:8]]
+            assert codes == ["bad-request"] * 8
+            assert [r["id"] for r in replies[:8]] == [None, None, 5, 6, None, None, None, None]
+            assert "needs an 'id'" in replies[5]["error"]["message"]
+            assert "needs an 'id'" in replies[6]["error"]["message"]
+            assert replies[8] == {"id": 9, "result": {"echo": {"ok": True}}}
             nursery.cancel_scope.cancel()
 
 
