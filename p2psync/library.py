@@ -5,7 +5,7 @@ can create and pair a device without a shell:
 
     home = p2psync.init("~/.local/share/myapp/p2psync", name="laptop")
     p2psync.create_group(home)                      # first device
-    await p2psync.join_group(home, ticket)           # every other device
+    await p2psync.join_group(home, ticket)           # every other device (or a short code)
     async with p2psync.open_node(home, p2psync.options_from_config(home)) as node: ...
 
 :func:`options_from_config` reads ``HOME/config.toml`` (listen address,
@@ -53,14 +53,27 @@ def create_group(home: Home | Path | str) -> str:
     return group_id_text(secret.keys().group_id)
 
 
-async def join_group(home: Home | Path | str, ticket: str, name: str = "") -> Joined:
-    """Join the group of the device that made ``ticket`` (:meth:`Node.invite`).
+async def join_group(
+    home: Home | Path | str,
+    ticket: str,
+    name: str = "",
+    *,
+    relay: str | None = None,
+    lan: bool = True,
+) -> Joined:
+    """Join the group of the device that made ``ticket``: a ticket (:meth:`Node.invite`)
+    or a short code (:meth:`Node.create_short_invite`).
 
-    The inviter's node must be running and reachable. On success the group
-    secret is stored in ``home`` and the inviter is recorded as a static peer
-    in its config.toml, which :func:`options_from_config` then dials.
+    The inviter's node must be running and reachable. ``relay``
+    (``NODEID@HOST:PORT``) is where to look a short code up and how to reach
+    the inviter when its addresses fail (default: the ticket's relay, or the
+    home's configured one for a short code); ``lan=False`` skips the mDNS
+    search for a short code. On success the group secret is stored in
+    ``home``, the inviter is recorded as a static peer in its config.toml
+    (and its relay as ours if we had none), which :func:`options_from_config`
+    then uses.
     """
-    return await _join_group(_home(home), ticket, name)
+    return await _join_group(_home(home), ticket, name, relay=relay, lan=lan)
 
 
 def options_from_config(

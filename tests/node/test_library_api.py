@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,11 @@ from p2psync.crypto.group import GroupSecret
 from p2psync.errors import LocalProtocolError, NotFound
 from p2psync.home import Home
 from p2psync.node import Node, NodeOptions, StaticPeer
+from p2psync.pairing import JoinRefused
 from p2psync.store import BlobPending
+from relayd.config import HostPort, RelaydConfig
+from relayd.relay import RelaydAddresses
+from relayd.relay import serve as relayd_serve
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -306,3 +311,31 @@ async def test_get_wait_false_says_pending(make_home: Callable[..., Home]) -> No
             with trio.move_on_after(1.5) as waited:
                 await a.get("half", wait=True)
             assert waited.cancelled_caught
+
+
+async def test_join_group_with_a_short_code_through_the_relay(tmp_path: Path) -> None:
+    """The library's join_group passes relay= and lan= on: a short code found on relayd."""
+    laptop = p2psync.init(tmp_path / "laptop", name="laptop")
+    p2psync.create_group(laptop)
+    phone = p2psync.init(tmp_path / "phone", name="phone")
+    relay_config = RelaydConfig(listen=HostPort("127.0.0.1", 0), http=HostPort("127.0.0.1", 0))
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            relay: RelaydAddresses = await nursery.start(partial(relayd_serve, relay_config))
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text)
+            async with p2psync.open_node(laptop, options) as node:
+                offer = await node.create_short_invite(600, lan=False)
+                assert offer.relay == relay_text and offer.lan == "off"
+                # No relay given, none configured, LAN search off: nowhere to look.
+                with pytest.raises(JoinRefused) as nowhere:
+                    await p2psync.join_group(phone, offer.code, lan=False)
+                assert nowhere.value.code == "no-relay"
+                joined = await p2psync.join_group(phone, offer.code, relay=relay_text, lan=False)
+                assert joined.inviter == str(node.node_id)
+                assert joined.relay == relay_text and joined.via in ("direct", "relay")
+                assert phone.load_config().relay == relay_text  # the daemon will use it
+                revocable = await node.create_short_invite(600, lan=False)
+                assert node.revoke_short_invite(revocable.code)
+                assert not node.revoke_short_invite(revocable.code)  # closed already
+            nursery.cancel_scope.cancel()
