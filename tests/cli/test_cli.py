@@ -277,6 +277,27 @@ def test_systemd_user_unit_runs_a_command_the_cli_accepts() -> None:
     assert args.handler is cmd_daemon
 
 
+def test_relayd_system_unit_keeps_its_identity_and_mailbox_in_the_state_directory() -> None:
+    """relayd.service: the flags parse, with the example config, and --data is StateDirectory."""
+    import shlex
+
+    from relayd.cli import build_parser as relayd_parser
+    from relayd.cli import config_from_args
+
+    unit = (ROOT / "relayd" / "relayd.service").read_text()
+    assert "[Install]\nWantedBy=multi-user.target" in unit  # a system unit
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0].isalpha()
+    )
+    argv = shlex.split(settings["ExecStart"])
+    assert argv[0].endswith("/relayd")
+    args = relayd_parser().parse_args(argv[1:])
+    assert args.data == f"/var/lib/{settings['StateDirectory']}"
+    args.config = ROOT / "relayd" / "relayd.example.toml"  # what the unit tells to install
+    config = config_from_args(args)
+    assert config.data_dir == "/var/lib/relayd" and config.mailbox.enabled
+
+
 def test_daemon_honours_the_home_from_env_and_its_config(tmp_path: Path) -> None:
     """`p2psync daemon` as the user unit runs it: home from P2PSYNC_HOME, listen from config."""
     import signal
