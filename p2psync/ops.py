@@ -194,6 +194,20 @@ def blob_size(store: Store, target: str) -> int | None:
     return head.entry.size if head is not None and head.entry.kind is Kind.PUT else None
 
 
+def value_size(store: Store, target: str) -> int | None:
+    """Size of what ``get target`` returns: a key's value, or a blob given by its id.
+
+    None if neither is known (``get`` then says why); nothing is read.
+    """
+    size = blob_size(store, target)
+    if size is not None or store.head(target) is not None or len(target) != 64:
+        return size
+    try:
+        return store.blob_size(bytes.fromhex(target))
+    except ValueError:
+        return None
+
+
 def create_group(home: Home, random_bytes: Callable[[int], bytes] = os.urandom) -> GroupSecret:
     """Start a new group with this device and record it as the first member."""
     secret = home.create_group(random_bytes)

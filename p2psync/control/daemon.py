@@ -164,32 +164,26 @@ def control_server_for(node: Node) -> ControlServer:
     async def get(params: JsonObject, emit: EmitEvent) -> Any:
         target = param_str(params, "target")
         wait = param_bool(params, "wait")
+        size = await node.locked(ops.value_size, node.store, target)  # a key or a blob id
         if params.get("output") is None:
-            size = await node.locked(ops.blob_size, node.store, target)
-            if size is not None and size > defaults.CONTROL_INLINE_MAX:
+            if size is not None and size > defaults.CONTROL_INLINE_MAX:  # checked before reading
                 raise ControlError(
                     ErrorCode.TOO_LARGE,
                     f"{target} is {size} bytes; inline values are at most "
                     f"{defaults.CONTROL_INLINE_MAX}: pass 'output' (a path) instead",
                 )
             data = await node.get(target, wait=wait)
-            if len(data) > defaults.CONTROL_INLINE_MAX:  # a blob id: size known only now
-                raise ControlError(
-                    ErrorCode.TOO_LARGE,
-                    "value too large to return inline; pass 'output' (a path) instead",
-                )
             reply: JsonObject = {"size": len(data), "base64": base64.b64encode(data).decode()}
             with contextlib.suppress(UnicodeDecodeError):
                 reply["text"] = data.decode()
             return reply
         output = _path(params, "output")
-        total = await node.locked(ops.blob_size, node.store, target)
 
         async def write(progress: ops.Progress | None) -> int:
             return await node.get_to_path(target, output, wait=wait, progress=progress)
 
-        size = await with_progress(emit, param_bool(params, "progress"), total, write)
-        return {"path": str(output), "size": size}
+        written = await with_progress(emit, param_bool(params, "progress"), size, write)
+        return {"path": str(output), "size": written}
 
     async def ls(params: JsonObject, emit: EmitEvent) -> Any:
         return await node.ls()

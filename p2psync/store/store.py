@@ -475,6 +475,11 @@ class Store:
                 self._record_manifest(blob_id, manifest)
         return blob_id, total
 
+    def blob_size(self, blob_id: bytes) -> int | None:
+        """Plaintext size of a blob some entry named (complete or not); None if unknown."""
+        row = self._db.execute("SELECT size FROM blobs WHERE blob_id = ?", (blob_id,)).fetchone()
+        return None if row is None else int(row[0])
+
     def iter_blob(self, blob_id: bytes) -> Iterator[bytes]:
         """Yield the plaintext of a complete blob chunk by chunk, verifying each."""
         row = self._db.execute(

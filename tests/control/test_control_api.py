@@ -118,6 +118,8 @@ async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
                 out["rm_again"] = c.call("rm", 10, key="bin")
                 out["get_deleted"] = c.call("get", 11, target="bin")
                 out["too_big_inline"] = c.call("get", 12, target="photo.jpg")
+                photo_blob = progress[-1]["result"]["blob"]  # by blob id: refused before reading
+                out["too_big_blob"] = c.call("get", 23, target=photo_blob)
                 out["status"] = c.call("status", "s")
                 out["peers"] = c.call("peers", 13)
                 out["whoami"] = c.call("whoami", 14)
@@ -164,6 +166,8 @@ async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
     assert out["rm_again"]["error"]["code"] == "not-found"
     assert out["get_deleted"]["error"]["code"] == "not-found"
     assert out["too_big_inline"]["error"]["code"] == "too-large"
+    assert out["too_big_blob"]["error"]["code"] == "too-large"
+    assert f"is {3 * 1024 * 1024} bytes" in out["too_big_blob"]["error"]["message"]
     status = out["status"]
     assert status["id"] == "s" and status["result"]["node_id"] == str(node.node_id)
     assert {"peers", "transfers", "counters"} <= set(status["result"])
