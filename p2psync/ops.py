@@ -180,12 +180,18 @@ def list_live(store: Store) -> list[dict[str, Any]]:
 
 
 def remove(store: Store, key: str) -> tuple[StoredEntry, int]:
-    """Tombstone ``key``; return the DELETE entry and how many objects were freed."""
+    """Tombstone ``key``; return the DELETE entry and how many objects were freed.
+
+    Frees the deleted value's objects only (unless another key still holds
+    the same content): the cost of a delete is that value's size, never the
+    store's. Older unreferenced objects (overwritten values) are for
+    ``p2psync gc`` (:meth:`~p2psync.store.Store.gc`).
+    """
     head = store.head(key)
     if head is None or head.entry.kind is not Kind.PUT:
         raise NotFound(f"no key named {key!r} (see `p2psync ls`)")
     stored = store.append(Kind.DELETE, Meta(key=key), now_ms=now_ms())
-    return stored, store.gc().objects_removed
+    return stored, store.release_blob(head.entry.blob).objects_removed
 
 
 def blob_size(store: Store, target: str) -> int | None:

@@ -121,6 +121,9 @@ CREATE TABLE IF NOT EXISTS blob_chunks (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS blob_chunks_by_chunk ON blob_chunks (chunk_id);
 CREATE INDEX IF NOT EXISTS entries_by_hlc ON entries (hlc);
+-- Added after schema 1 shipped (additive): which entries name a blob, so a
+-- delete frees its value's objects without scanning the store.
+CREATE INDEX IF NOT EXISTS entries_by_blob ON entries (blob);
 -- Added after schema 1 shipped: IF NOT EXISTS makes it an additive migration.
 CREATE TABLE IF NOT EXISTS mailbox_state (
     relay       BLOB NOT NULL,     -- the relay's NodeId
@@ -880,6 +883,54 @@ class Store:
         return int(row[0])
 
     # --- garbage collection -----------------------------------------------------
+
+    def _is_live_blob(self, db: sqlite3.Connection, blob_id: bytes) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM entries e JOIN heads h ON h.cursor = e.cursor "
+            "WHERE e.blob = ? AND e.kind = ? LIMIT 1",
+            (blob_id, int(Kind.PUT)),
+        ).fetchone()
+        return row is not None
+
+    def release_blob(self, blob_id: bytes) -> GcResult:
+        """Free one blob's objects if no live value references it (what a delete costs).
+
+        Work is proportional to this blob's chunks, not to the store: a chunk
+        another live blob shares (equal chunks dedupe) is kept. Everything
+        else unreferenced (overwritten values, stray files) waits for :meth:`gc`.
+        """
+        with self._write() as db:
+            if self._is_live_blob(db, blob_id):
+                return GcResult(0, 0)
+            chunks = [
+                bytes(r[0])
+                for r in db.execute(
+                    "SELECT chunk_id FROM blob_chunks WHERE blob_id = ?", (blob_id,)
+                )
+            ]
+            doomed: list[tuple[bytes, int]] = []
+            for oid in dict.fromkeys([blob_id, *chunks]):
+                if oid != blob_id and (
+                    self._is_live_blob(db, oid)
+                    or any(
+                        self._is_live_blob(db, bytes(r[0]))
+                        for r in db.execute(
+                            "SELECT DISTINCT blob_id FROM blob_chunks "
+                            "WHERE chunk_id = ? AND blob_id != ?",
+                            (oid, blob_id),
+                        ).fetchall()
+                    )
+                ):
+                    continue
+                row = db.execute("SELECT size FROM objects WHERE object_id = ?", (oid,)).fetchone()
+                if row is not None:
+                    doomed.append((oid, int(row[0])))
+            db.executemany("DELETE FROM objects WHERE object_id = ?", [(o,) for o, _ in doomed])
+            db.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (blob_id,))
+            db.execute("DELETE FROM blobs WHERE blob_id = ?", (blob_id,))
+        for oid, _ in doomed:
+            self.files.remove(oid)
+        return GcResult(len(doomed), sum(size for _, size in doomed))
 
     def gc(self) -> GcResult:
         """Delete objects that no live entry references, and stray files."""
