@@ -75,6 +75,10 @@ SYNC_ANTI_ENTROPY_INTERVAL = 30.0
 # After a gap (an announced entry whose predecessor we lack) ask for repair
 # at most this often, so a burst of out-of-order announces sends one FRONTIER.
 SYNC_REPAIR_MIN_INTERVAL = 1.0
+# Plan the peer's FRONTIER (re-read and re-send what it lacks) at most this
+# often; a sooner one waits for it. An honest peer sends one per anti-entropy
+# round or repair (itself >= SYNC_REPAIR_MIN_INTERVAL apart).
+SYNC_FRONTIER_MIN_INTERVAL = 1.0
 # Objects in flight per peer: 8 x 1 MiB keeps a fast link busy without one
 # peer hogging the connection window (NET_CONNECTION_RECEIVE_WINDOW is 8 MiB).
 SYNC_OBJECT_WINDOW = 8

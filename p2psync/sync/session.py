@@ -58,7 +58,10 @@ records, per author, the seq the peer has; ``data_to_send()`` then reads
 entries from the store batch by batch while less than SYNC_SEND_BUFFER is
 waiting, so a catch-up of a million entries costs one buffer, not one
 list. A new FRONTIER from the peer replaces the plan (re-sent entries are
-harmless duplicates).
+harmless duplicates). Since a plan may re-send every entry the peer claims
+to lack, at most one FRONTIER per ``frontier_min_interval`` (1 s) is
+planned; a later one waits for that deadline (only the newest is kept), so
+a peer that repeats FRONTIER cannot make us re-read the store per message.
 
 Objects: after entries arrive the session asks the store which objects
 are missing (:meth:`SyncStore.wanted_blobs`, :meth:`SyncStore.missing_objects`,
@@ -189,6 +192,7 @@ class SyncConfig:
     max_entries_bytes: int = defaults.SYNC_MAX_ENTRIES_BYTES
     frontier_authors_per_message: int = defaults.SYNC_FRONTIER_AUTHORS_PER_MESSAGE
     max_frontier_authors: int = defaults.SYNC_MAX_FRONTIER_AUTHORS
+    frontier_min_interval: float = defaults.SYNC_FRONTIER_MIN_INTERVAL
 
 
 @dataclass(slots=True)
@@ -201,6 +205,7 @@ class SessionStats:
     entries_duplicate: int = 0
     entries_rejected: int = 0
     frontiers_sent: int = 0
+    frontiers_deferred: int = 0  # the peer's, held back by frontier_min_interval
     objects_wanted: int = 0
     objects_stored: int = 0
     objects_unavailable: int = 0
@@ -363,6 +368,10 @@ class SyncSession:
         self._last_frontier_at: float | None = None
 
         self._their_frontier_parts: dict[NodeId, int] = {}
+        # The peer's latest complete FRONTIER not planned yet (it came within
+        # frontier_min_interval of the last one we planned), and when we did.
+        self._pending_frontier: dict[NodeId, int] | None = None
+        self._planned_at: float | None = None
         # author -> seq the peer has (per its last frontier plus what we sent since)
         self._send_plan: dict[NodeId, int] = {}
 
@@ -421,9 +430,16 @@ class SyncSession:
         if self._state is SessionState.CLOSED or self._state is SessionState.IDLE:
             return None
         retry_at = next(iter(self._deferred.values())) if self._deferred else None
+        plan_at = self._frontier_due() if self._pending_frontier is not None else None
         deadlines = [
             t
-            for t in (self._handshake_deadline, self._next_frontier_at, self._repair_at, retry_at)
+            for t in (
+                self._handshake_deadline,
+                self._next_frontier_at,
+                self._repair_at,
+                retry_at,
+                plan_at,
+            )
             if t is not None
         ]
         return min(deadlines) if deadlines else None
@@ -512,6 +528,9 @@ class SyncSession:
             self._send_frontier(now)
         elif self._repair_at is not None and now >= self._repair_at:
             self._send_frontier(now)
+        due = self._frontier_due()
+        if self._pending_frontier is not None and due is not None and now >= due:
+            self._plan(self._pending_frontier, now)
         self._fill_wants(now)
 
     def announce(self, raws: Sequence[bytes]) -> None:
@@ -595,7 +614,7 @@ class SyncSession:
             case Auth():
                 self._on_auth(message, now)
             case Frontier():
-                self._on_frontier(message)
+                self._on_frontier(message, now)
             case Entries() | Announce():
                 self._on_entries(message.raws, now)
             case Bye():
@@ -683,7 +702,7 @@ class SyncSession:
         self._next_frontier_at = now + self._config.anti_entropy_interval
         self._repair_at = None
 
-    def _on_frontier(self, frontier: Frontier) -> None:
+    def _on_frontier(self, frontier: Frontier, now: float) -> None:
         self._their_frontier_parts.update(frontier.seqs)
         if len(self._their_frontier_parts) > self._config.max_frontier_authors:
             raise _Violation(
@@ -693,6 +712,25 @@ class SyncSession:
         if not frontier.final:
             return
         theirs, self._their_frontier_parts = self._their_frontier_parts, {}
+        due = self._frontier_due()
+        if due is not None and now < due:
+            # Each plan may re-read and re-send every entry the peer claims to lack:
+            # a peer repeating FRONTIER {author: 0} would have us do that per message.
+            # The latest one waits (nothing is dropped), planned at the deadline.
+            self._pending_frontier = theirs
+            self.stats.frontiers_deferred += 1
+            return
+        self._plan(theirs, now)
+
+    def _frontier_due(self) -> float | None:
+        """When the peer's next FRONTIER may be planned (None: now)."""
+        if self._planned_at is None:
+            return None
+        return self._planned_at + self._config.frontier_min_interval
+
+    def _plan(self, theirs: Mapping[NodeId, int], now: float) -> None:
+        self._pending_frontier = None
+        self._planned_at = now
         self._send_plan = {
             author: theirs.get(author, 0)
             for author, seq in sorted(self._store.frontier().items())
@@ -852,4 +890,5 @@ class SyncSession:
             self._claims.release(oid, self)
         self._in_flight.clear()
         self._handshake_deadline = self._next_frontier_at = self._repair_at = None
+        self._pending_frontier = None
         self._events.append(SessionClosed(int(code), reason, by_peer))

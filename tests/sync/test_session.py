@@ -612,3 +612,26 @@ def test_connection_lost_releases_everything(make_node, network):
     events = list(iter(link.acceptor.next_event, None))
     assert events[-1] == SessionClosed(ErrorCode.INTERNAL, "idle timeout", True)
     assert link.acceptor.data_to_send() == b""  # no BYE on a dead connection
+
+
+def test_a_peer_repeating_frontier_gets_one_plan_per_interval_and_nothing_is_lost(
+    make_node, network
+):
+    a, b = make_node("a"), make_node("b")
+    a.put_many(50, "a")
+    link = network.connect(a, b)
+    assert len(b.store.frontier()) == 1  # b caught up
+    session = link.session("a")
+    sent = session.stats.entries_sent
+    # b "forgets" everything, ten times in a row: FRONTIER {a: 0} per message.
+    claim = encode_message_frame(Frontier(((a.node_id, 0),), final=True))
+    for _ in range(10):
+        session.receive_control(claim, network.now)
+        network.pump()  # a's shell sends what each plan produces before the next arrives
+    first = session.stats.entries_sent - sent
+    assert first <= 50  # at most one re-send of the lot (none if the last plan is recent)
+    assert session.stats.frontiers_deferred >= 9
+    network.advance(defaults.SYNC_FRONTIER_MIN_INTERVAL)  # the newest waiting one is planned
+    assert session.stats.entries_sent - sent == first + 50  # once more, not nine times
+    assert session.close_code is None
+    assert len(b.store.frontier()) == 1
