@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2psync import defaults
 from p2psync.control.client import DaemonError, connect_if_running
 from p2psync.control.daemon import control_server_for
 from p2psync.control.protocol import SOCKET_NAME
@@ -28,6 +31,9 @@ from p2psync.control.server import ControlServer
 from p2psync.crypto.group import GroupSecret
 from p2psync.home import Home
 from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+from relayd.config import HostPort, RelaydConfig
+from relayd.relay import RelaydAddresses
+from relayd.relay import serve as relayd_serve
 
 LOOPBACK = ("127.0.0.1", 0)
 
@@ -124,6 +130,7 @@ async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
                 out["peers"] = c.call("peers", 13)
                 out["whoami"] = c.call("whoami", 14)
                 out["invite"] = c.call("invite", 15, lifetime=60)
+                out["short_nowhere"] = c.call("invite", 24, short=True)  # no relay, no LAN
                 out["unknown"] = c.call("frobnicate", 16)
                 out["bad_limit"] = c.call("pull", 17, limit=0)
                 out["two_sources"] = c.call("put", 18, key="x", text="a", base64="YQ==")
@@ -180,6 +187,7 @@ async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
         ("two_sources", "bad-params"),
         ("bad_meta", "bad-params"),
         ("bad_file", "bad-params"),
+        ("short_nowhere", "bad-params"),
     ]:
         assert out[name]["error"]["code"] == code, (name, out[name])
         assert out[name]["error"]["message"]
@@ -342,3 +350,105 @@ async def test_get_pending_and_clients_that_leave_while_waiting(
             assert server.crashes == 0
     assert pending["error"]["code"] == "pending"
     assert by_blob["error"]["code"] == "pending"
+
+
+@asynccontextmanager
+async def running_relay() -> AsyncIterator[str]:
+    """relayd on loopback; yields its ``NODEID@HOST:PORT``."""
+    config = RelaydConfig(listen=HostPort("127.0.0.1", 0), http=HostPort("127.0.0.1", 0))
+    async with trio.open_nursery() as nursery:
+        relay: RelaydAddresses = await nursery.start(partial(relayd_serve, config))
+        yield f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_subscribe_reports_path_changes_and_sync_progress(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reaches A through relayd only; given A's address it goes direct: path-changed.
+    Then a large value from A streams in: sync-progress up to complete."""
+    from p2psync.net import endpoint
+    from p2psync.net.paths import Origin
+
+    # No hole punching: the pair stays relayed until the test hands B an address.
+    monkeypatch.setattr(
+        "p2psync.node.EndpointConfig", partial(endpoint.EndpointConfig, hole_punching=False)
+    )
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", 0.05)  # sample often
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    big = os.urandom(24 * defaults.CHUNK_SIZE)
+    with trio.fail_after(120):
+        async with (
+            running_relay() as relay,
+            open_node(a_home, NodeOptions(listen=LOOPBACK, relay=relay)) as a,
+        ):
+            b_options = NodeOptions(
+                listen=LOOPBACK, relay=relay, peers=(StaticPeer(a.node_id, None),)
+            )
+            async with daemon(b_home, b_options) as (b, _):
+                c = await in_thread(Line, b_home.path / SOCKET_NAME)
+                wanted = ["peer-connected", "path-changed", "sync-progress"]
+                c.send({"id": "s", "method": "subscribe", "params": {"events": wanted}})
+                connected = (await in_thread(c.read))["event"]
+                await trio.sleep(20 * defaults.PROGRESS_INTERVAL)  # sampled on the relay
+                a_port = a.endpoint.local_address[1]
+                b.endpoint.add_candidate(a.node_id, ("127.0.0.1", a_port), Origin.LOOKUP)
+                changed = (await in_thread(c.read))["event"]
+                put = await a.put(big, key="media/big.bin")
+                progress = []
+                while not progress or not progress[-1]["complete"]:
+                    event = (await in_thread(c.read))["event"]
+                    assert event["type"] == "sync-progress", event
+                    progress.append(event)
+                assert await b.get("media/big.bin") == big
+                c.close()
+    assert connected == {
+        "type": "peer-connected",
+        "node_id": str(a.node_id),
+        "path": "relay",
+        "address": None,
+    }
+    assert changed == {
+        "type": "path-changed",
+        "node_id": str(a.node_id),
+        "path": "direct",
+        "previous": "relay",
+    }
+    assert all(e["blob"] == put.blob and e["key"] == "media/big.bin" for e in progress)
+    assert all(e["bytes_total"] == len(big) and e["rate"] >= 0 for e in progress)
+    done = [e["bytes_done"] for e in progress]
+    assert done == sorted(done) and done[-1] == len(big)
+
+
+async def test_short_invites_over_the_socket(home: Home) -> None:
+    """invite short:true offers a code through the relay; revoke-invite closes it."""
+    with trio.fail_after(60):
+        async with (
+            running_relay() as relay,
+            daemon(home, NodeOptions(listen=LOOPBACK, relay=relay)) as (node, _),
+        ):
+            sock = home.path / SOCKET_NAME
+
+            def script() -> dict[str, Any]:
+                c = Line(sock)
+                out = {"offer": c.call("invite", 1, short=True, lifetime=60)}
+                code = out["offer"]["result"]["code"]
+                out["open_before"] = len(node.invites)
+                out["revoke"] = c.call("revoke-invite", 2, code=code)
+                out["revoke_again"] = c.call("revoke-invite", 3, code=code)
+                out["bad_code"] = c.call("revoke-invite", 4, code="not-a-code")
+                out["no_code"] = c.call("revoke-invite", 5)
+                c.close()
+                return out
+
+            out = await in_thread(script)
+    offer = out["offer"]["result"]
+    assert re.fullmatch(r"[0-9A-Z]{4}(-[0-9A-Z]{4}){3}", offer["code"]), offer
+    assert offer["relay"] == relay and offer["lan"] == "off" and offer["relay_problem"] is None
+    assert offer["expires"] <= time.time() + 60 + 1
+    assert out["open_before"] == 1
+    assert out["revoke"] == {"id": 2, "result": {"revoked": True}}
+    assert out["revoke_again"] == {"id": 3, "result": {"revoked": False}}
+    assert out["bad_code"]["error"]["code"] == "bad-params"
+    assert out["no_code"]["error"]["code"] == "bad-params"
