@@ -33,6 +33,14 @@ events, and is told how many (:class:`EventsDropped`) so it can re-read
 Rates are smoothed (EWMA, :data:`~p2psync.defaults.RATE_SMOOTHING`) over the
 node's sampling ticks; :class:`RateMeter` and :class:`TransferTracker` are
 plain classes that take ``now`` and never read a clock.
+
+**Local transfers** (a ``put`` or ``get_to_path`` of a big file) report
+through their ``progress(bytes_done)`` callback, called after each chunk in
+the worker thread. :class:`ProgressMeter` is such a callback that also knows
+the total and the rate (bytes/s since the transfer began: a local transfer
+runs at disk speed, no smoothing needed) and hands each
+:class:`TransferProgress` on; its clock is injected. The control API's
+``progress`` events are its snapshots.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -470,6 +479,54 @@ Progress = Callable[[int], None]
 """``progress(bytes_done)``: called from a worker thread after each chunk."""
 
 
+@dataclass(frozen=True, slots=True)
+class TransferProgress:
+    """How far a local put or get got (a snapshot; see :class:`ProgressMeter`)."""
+
+    bytes_done: int
+    bytes_total: int | None  # None: unknown (a stream)
+    rate: float  # bytes/s since the transfer began
+
+    def to_json(self) -> JsonDict:
+        return dataclasses.asdict(self)
+
+
+class ProgressMeter:
+    """A ``progress=`` callback that also knows the total and the rate::
+
+        meter = p2psync.ProgressMeter(total=path.stat().st_size, on_update=show)
+        await node.put(path, key="media/video", progress=meter)
+        meter.progress  # TransferProgress(bytes_done, bytes_total, rate)
+
+    Like any ``progress`` callback it is called from the worker thread after
+    each chunk, and so is ``on_update(TransferProgress)``: keep that cheap and
+    thread-safe. :attr:`progress` is replaced whole at each call, so another
+    thread (the event loop) may read it at any time. The rate counts from
+    the meter's creation: create it just before the transfer. ``clock``
+    (monotonic seconds) is injected for tests.
+    """
+
+    def __init__(
+        self,
+        total: int | None = None,
+        on_update: Callable[[TransferProgress], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._total = total
+        self._on_update = on_update
+        self._clock = clock
+        self._started = clock()
+        self.progress = TransferProgress(0, total, 0.0)
+
+    def __call__(self, bytes_done: int) -> None:
+        elapsed = self._clock() - self._started
+        rate = bytes_done / elapsed if elapsed > 0 else 0.0
+        self.progress = TransferProgress(bytes_done, self._total, round(rate, 1))
+        if self._on_update is not None:
+            self._on_update(self.progress)
+
+
 __all__ = [
     "BlobReader",
     "Change",
@@ -482,11 +539,13 @@ __all__ = [
     "PeerDisconnected",
     "PeerStatus",
     "Progress",
+    "ProgressMeter",
     "PullResult",
     "RateMeter",
     "Subscription",
     "SyncProgress",
     "Transfer",
+    "TransferProgress",
     "TransferTracker",
     "event_json",
 ]

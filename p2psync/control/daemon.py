@@ -33,7 +33,7 @@ leaves a committed but unannounced value behind.
 
 ``entry`` is :meth:`p2psync.api.Change.to_json`. Paths are resolved by the
 daemon, which runs as the same user (the socket is 0600). ``progress: true``
-on put/get sends ``{"type": "progress", "bytes_done", "bytes_total"}``
+on put/get sends ``{"type": "progress", "bytes_done", "bytes_total", "rate"}``
 events before the result.
 """
 
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from p2psync import defaults, ops
-from p2psync.api import event_json
+from p2psync.api import ProgressMeter, event_json
 from p2psync.control.protocol import (
     SOCKET_NAME,
     ControlError,
@@ -88,28 +88,30 @@ async def with_progress(
     total: int | None,
     work: Callable[[ops.Progress | None], Awaitable[T]],
 ) -> T:
-    """Run ``work(progress)``; if enabled, emit ``progress`` events while it runs."""
+    """Run ``work(progress)``; if enabled, emit ``progress`` events while it runs.
+
+    Each event is a :class:`~p2psync.api.TransferProgress` snapshot (bytes
+    done, total, rate), at most every PROGRESS_EVENT_INTERVAL and only when
+    it moved; a last one with ``finished: true`` follows the work.
+    """
     if not enabled:
         return await work(None)
-    done = 0
-
-    def progress(count: int) -> None:  # called from the worker thread
-        nonlocal done
-        done = count
+    meter = ProgressMeter(total)
 
     async def report() -> None:
         sent = -1
         while True:
-            if done != sent:
-                sent = done
-                await emit({"type": "progress", "bytes_done": done, "bytes_total": total})
+            current = meter.progress
+            if current.bytes_done != sent:
+                sent = current.bytes_done
+                await emit({"type": "progress", **current.to_json()})
             await trio.sleep(defaults.PROGRESS_EVENT_INTERVAL)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(report)
-        result = await work(progress)
+        result = await work(meter)
         nursery.cancel_scope.cancel()
-    await emit({"type": "progress", "bytes_done": done, "bytes_total": total, "finished": True})
+    await emit({"type": "progress", **meter.progress.to_json(), "finished": True})
     return result
 
 

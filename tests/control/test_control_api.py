@@ -154,7 +154,10 @@ async def test_every_request_and_its_errors(home: Home, tmp_path: Path) -> None:
     assert out["b64"]["result"]["size"] == 2
     events = [r["event"] for r in out["progress"][:-1]]
     assert events and all(e["type"] == "progress" for e in events)
-    assert events[-1] == {
+    assert all(isinstance(e["rate"], float) and e["rate"] >= 0 for e in events)
+    last = events[-1]
+    assert last.pop("rate") > 0  # bytes/s since the put began
+    assert last == {
         "type": "progress",
         "bytes_done": 3 * 1024 * 1024,
         "bytes_total": 3 * 1024 * 1024,

@@ -285,6 +285,43 @@ def test_transfer_tracker_reports_progress_rate_and_completion() -> None:
     assert len(tracker) == 0 and tracker.transfers() == []
 
 
+def test_progress_meter_knows_done_total_and_rate() -> None:
+    now = [100.0]
+    seen: list[p2psync.TransferProgress] = []
+    meter = p2psync.ProgressMeter(total=3000, on_update=seen.append, clock=lambda: now[0])
+    assert meter.progress == p2psync.TransferProgress(0, 3000, 0.0)
+    now[0] = 102.0
+    meter(1000)
+    now[0] = 104.0
+    meter(3000)
+    assert seen == [
+        p2psync.TransferProgress(1000, 3000, 500.0),
+        p2psync.TransferProgress(3000, 3000, 750.0),  # since the meter began
+    ]
+    assert meter.progress.to_json() == {"bytes_done": 3000, "bytes_total": 3000, "rate": 750.0}
+    unknown = p2psync.ProgressMeter(clock=lambda: 5.0)
+    unknown(10)  # no time has passed: no rate yet, and no division by zero
+    assert unknown.progress == p2psync.TransferProgress(10, None, 0.0)
+
+
+async def test_put_and_get_report_progress_through_a_meter(tmp_path: Path) -> None:
+    home = p2psync.init(tmp_path / "a")
+    p2psync.create_group(home)
+    big = os.urandom(3 * defaults.CHUNK_SIZE + 5)
+    with trio.fail_after(30):
+        async with p2psync.open_node(home, NodeOptions(listen=LOOPBACK)) as node:
+            puts: list[p2psync.TransferProgress] = []
+            meter = p2psync.ProgressMeter(len(big), on_update=puts.append)
+            await node.put(io.BytesIO(big), key="big", progress=meter)
+            gets = p2psync.ProgressMeter(len(big))
+            await node.get_to_path("big", tmp_path / "out", progress=gets)
+    assert [p.bytes_done for p in puts] == [(i + 1) * defaults.CHUNK_SIZE for i in range(3)] + [
+        len(big)
+    ]
+    assert all(p.bytes_total == len(big) for p in puts) and puts[-1].rate > 0
+    assert gets.progress.bytes_done == len(big) and gets.progress.rate > 0
+
+
 def test_rate_meter_smooths_and_survives_counter_resets() -> None:
     meter = RateMeter(smoothing=0.5)
     assert meter.sample("x", 0, 0.0) == 0.0
