@@ -59,7 +59,7 @@ class ErrorCode(enum.StrEnum):
     PENDING = "pending"
     TOO_LARGE = "too-large"
     BUSY = "busy"
-    NO_GROUP = "no-group"
+    CONFIG = "config"  # the device's setup or config forbids it (ConfigError); fix, then retry
     INTEGRITY = "integrity"
     INTERNAL = "internal"
 

@@ -84,7 +84,7 @@ def code_for(exc: P2PSyncError) -> ErrorCode:
     if isinstance(exc, NotFound):
         return ErrorCode.NOT_FOUND
     if isinstance(exc, ConfigError):
-        return ErrorCode.NO_GROUP
+        return ErrorCode.CONFIG
     if isinstance(exc, IntegrityError):
         return ErrorCode.INTEGRITY
     if isinstance(exc, LocalProtocolError | BadFrame):

@@ -455,3 +455,13 @@ async def test_short_invites_over_the_socket(home: Home) -> None:
     assert out["revoke_again"] == {"id": 3, "result": {"revoked": False}}
     assert out["bad_code"]["error"]["code"] == "bad-params"
     assert out["no_code"]["error"]["code"] == "bad-params"
+
+
+async def test_a_broken_config_is_a_config_error(home: Home) -> None:
+    with trio.fail_after(30):
+        async with daemon(home, NodeOptions(listen=LOOPBACK)) as _:
+            home.config_file.write_text("name = [unclosed\n")  # edited while the daemon runs
+            reply = await in_thread(Line(home.path / SOCKET_NAME).call, "status", 1)
+    assert reply["id"] == 1 and reply["error"]["code"] == "config"
+    assert "config.toml" in reply["error"]["message"]
+    assert "not valid TOML" in reply["error"]["message"]
