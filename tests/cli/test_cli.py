@@ -133,18 +133,71 @@ def test_env_home(
     assert (Path(home) / "identity.key").exists()
 
 
-def test_demo_exits_zero_and_finds_no_plaintext(capsys: pytest.CaptureFixture[str]) -> None:
+def demo_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Make the demo work in a known directory instead of a fresh temp one."""
+    workdir = tmp_path / "demo"
+
+    def mkdtemp(prefix: str = "") -> str:
+        workdir.mkdir()
+        return str(workdir)
+
+    monkeypatch.setattr("p2psync.demo.tempfile.mkdtemp", mkdtemp)
+    return workdir
+
+
+def test_demo_exits_zero_and_finds_no_plaintext(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    workdir = demo_dir(monkeypatch, tmp_path)
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
+    assert not workdir.exists()  # a throw-away directory, removed
     assert out.count("found in 0 files") == 3
-    assert "found in 1" not in out
-    assert out.count("byte-identical: True") == 2
+    assert "found in 1" not in out and "FAILED" not in out
     assert "phone $ p2psync join" in out and "tablet$ p2psync join" in out
-    # Joined through the relay: the pair starts relayed and moves direct
-    # once the hole punch (trivial on loopback) has validated a path.
-    assert re.search(r"laptop->phone  (direct 127\.0\.0\.1:\d+|relay)\n", out), out
-    assert re.search(r"phone->tablet  (direct 127\.0\.0\.1:\d+|relay)\n", out), out
-    assert "gone on the tablet" in out
+    assert "laptop$ echo 'Meet at the lighthouse" in out and "p2psync put --key notes/today" in out
+    # Every pair is connected, and its path is shown: relayed at first, each
+    # pair moves direct once hole punching (trivial on loopback) validated a path.
+    for pair in ("laptop <-> phone ", "phone  <-> tablet", "laptop <-> tablet"):
+        assert re.search(rf"  {pair} (direct 127\.0\.0\.1:\d+|relay) ", out), (pair, out)
+    assert "not connected" not in out
+    assert out.count("byte-identical: True") == 4  # note and file, on phone and tablet
+    # The tombstone arrives as a delete change on both, and the note is gone.
+    tombstones = re.findall(r"^(phone |tablet): tombstone arrived after [\d.]+s as change #\d+: "
+                            r"delete notes/today.txt", out, re.M)  # fmt: skip
+    assert tombstones == ["phone ", "tablet"]
+    assert "tablet$ p2psync get notes/today.txt   -> error: notes/today.txt was deleted\n" in out
+    assert "tablet$ p2psync ls   -> videos/clip.bin\n" in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), "a line is printed twice"
+    # Every command it shows is one the CLI accepts.
+    import shlex
+
+    from p2psync.cli import build_parser
+
+    shown = [m.group(1) for m in re.finditer(r"^\w+ ?\$ (.*?)(?:\s+->.*|\s{2,}\(.*)?$", out, re.M)]
+    assert len(shown) >= 9, shown
+    for command in shown:
+        argv = shlex.split(command.split("| ")[-1])  # the p2psync side of a pipe
+        assert argv[0] == "p2psync", command
+        build_parser().parse_args(argv[1:])  # exits (fails the test) on a wrong command
+    assert "Stopped the three devices and relayd." in out
+
+
+def test_demo_keep_leaves_homes_a_user_can_explore(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    workdir = demo_dir(monkeypatch, tmp_path)
+    code, out, _ = run(capsys, "demo", "--keep")
+    assert code == 0, out
+    assert f"Kept the demo homes in {workdir}" in out
+    for name in ("laptop", "phone", "tablet"):
+        assert f"p2psync --home {workdir / name} ls" in out
+        code, listed, _ = run(capsys, "--home", str(workdir / name), "ls", "--json")
+        assert code == 0
+        assert [row["key"] for row in json.loads(listed)] == ["videos/clip.bin"]
+    code, devices, _ = run(capsys, "--home", str(workdir / "tablet"), "devices", "--json")
+    assert code == 0 and {d["name"] for d in json.loads(devices)} == {"laptop", "phone", "tablet"}
 
 
 def test_ci_runs_the_readme_test_command() -> None:
