@@ -295,6 +295,41 @@ DUPLICATE_WINDOW = 10.0
 # An invite ticket is valid this long: enough to walk to the other device,
 # short enough that a forgotten ticket in a chat log soon means nothing.
 INVITE_LIFETIME = 600
+# Open invites per node (tickets and short codes): far more than a person
+# makes at once; bounds the invite book.
+INVITES_MAX_OPEN = 64
+# Tries per invite at the inviter. Every join handshake that gets the
+# inviter's MAC is one, however it ends (a wrong proof, a joiner that hangs
+# up or times out); a try whose proof was right and whose welcome could not
+# be delivered is given back. Handshakes in flight hold a try each, so at
+# most this many run at once per invite. Three cover a flaky network; a
+# guesser holding a short code's first half gets three online guesses at
+# 2^-40 each before the invite is burnt (docs/pairing-codes.md).
+JOIN_MAX_TRIES = 3
+# JOIN_REQUESTs answered per source (an IP address, IPv6 by JOIN_IPV6_PREFIX;
+# a relayed joiner by its NodeId): a joiner sends one and retries a few
+# times; more is someone collecting inviter MACs or burning invites.
+JOIN_REQUEST_PER_SOURCE_RATE = 0.1
+JOIN_REQUEST_PER_SOURCE_BURST = 5
+# All JOIN_REQUESTs together, whatever the number of sources (fresh NodeIds
+# cost nothing): a person pairs a few devices a minute at most.
+JOIN_REQUEST_TOTAL_RATE = 1.0
+JOIN_REQUEST_TOTAL_BURST = 20
+# Sources remembered for the per-source limit (LRU; an evicted one starts
+# full again, which the total limit bounds).
+JOIN_REQUEST_MAX_SOURCES = 1024
+# An IPv6 host is handed a whole /64 (RFC 6177): limits count it as one.
+JOIN_IPV6_PREFIX = 64
+# The joiner, having opened the welcome and sent its end of stream (the
+# inviter records it only then), waits this long for the inviter's end of
+# stream so its own gets out before it closes the connection.
+JOIN_ACK_WAIT = 5.0
+# Last seen of each peer is written to the store at most this often
+# (`p2psync devices` reads it without a daemon); a restart loses at most
+# this much of it.
+PEER_SEEN_WRITE_INTERVAL = 60.0
+# Peers whose last seen is kept: far more than a group's devices.
+PEER_SEEN_MAX = 1024
 # A LAN address found by mDNS answers within a second or not at all; try the
 # next one after this long.
 LAN_DIAL_TIMEOUT = 3.0

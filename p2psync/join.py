@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from p2psync import errors
+from p2psync import defaults, errors
 from p2psync.crypto.codes import has_prefix
 from p2psync.crypto.group import GroupSecret, group_id_text
 from p2psync.crypto.identity import Identity, NodeId
@@ -337,7 +337,18 @@ async def _handshake(
     kind, fields = await next_message()
     if kind != JOIN_WELCOME or len(fields) != 1:
         raise BadFrame("expected JOIN_WELCOME from the inviter")
-    return open_secrets(identity, as_bytes(fields[0], "sealed", max_size=MAX_JOIN_FRAME))
+    secrets = open_secrets(identity, as_bytes(fields[0], "sealed", max_size=MAX_JOIN_FRAME))
+    # Our end of stream tells the inviter we hold the secrets (only then does it
+    # use up the invite and record us); its own end of stream, or its hanging up,
+    # says ours arrived. We have the secrets either way.
+    await stream.send_eof()
+    with (
+        trio.move_on_after(defaults.JOIN_ACK_WAIT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        while await stream.receive_some(MAX_JOIN_FRAME):
+            pass
+    return secrets
 
 
 async def _pair(
@@ -603,7 +614,7 @@ async def keep_short_invite(
     lifetime = max(1, min(lifetime, SHORT_CODE_MAX_LIFETIME))
     code = ShortCode.generate(os.urandom)
     keys = await trio.to_thread.run_sync(code.derive_keys)
-    invite = node.invites.add(keys.invite_id, keys.invite_secret, int(time.time()), lifetime)
+    invite = node.invites.add(keys.invite_id, keys.invite_secret, time.time(), lifetime)
     ended = node.invite_end(invite.invite_id)
     stored_on: str | None = None
     try:
@@ -638,7 +649,7 @@ async def keep_short_invite(
         if unreachable is not None:
             raise JoinRefused("no-way", f"no joiner could find this code: {unreachable}")
     finally:
-        node.invites.consume(invite)
+        node.invites.revoke(invite.invite_id, time.time())  # False: used, or a join finishing
         node.invite_closed(invite.invite_id)
         if stored_on is not None:
             with trio.CancelScope(shield=True):

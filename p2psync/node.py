@@ -77,13 +77,13 @@ from p2psync.api import (
     Transfer,
     TransferTracker,
 )
+from p2psync.crypto.codes import has_prefix
 from p2psync.crypto.group import group_id_text
 from p2psync.crypto.identity import BadNodeId, NodeId
 from p2psync.errors import (
     BadFrame,
     BrokenResourceError,
     ConfigError,
-    IntegrityError,
     LocalProtocolError,
     P2PSyncError,
 )
@@ -119,24 +119,25 @@ from p2psync.pairing import (
     JOIN_WELCOME,
     MAX_JOIN_FRAME,
     SHORT_CODE_MAX_LIFETIME,
+    TICKET_PREFIX,
     Invite,
     InviteBook,
+    InviterHandshake,
     JoinRefused,
     ShortCode,
     Ticket,
-    check_mac,
     decode_join_untrusted,
     decode_request_fields,
+    decode_ticket_untrusted,
     first_frame_type,
     join_frame,
-    join_mac,
     seal_secrets,
-    transcript,
 )
 from p2psync.proto.entry import Kind, decode_entry_untrusted
 from p2psync.proto.messages import ErrorCode, FrameDecoder, Role
 from p2psync.proto.relay import RELAY_ALPN
 from p2psync.proto.relay import Error as RelayError
+from p2psync.ratelimit import source_key
 from p2psync.store import BlobPending, Store, StoredEntry
 from p2psync.store.objects import AppValue, Meta, open_meta
 from p2psync.sync.events import (
@@ -294,7 +295,7 @@ class PeerLink:
                     control = await self.conn.accept_stream()
                     first, body = await _read_first_frame(control)
                 if first_frame_type(body) in JOIN_TYPES:
-                    await node.serve_join(control, first)
+                    await node.serve_join(self.conn, control, first)
                     return
             async with trio.open_nursery() as nursery:
                 await node.locked(self.session.start, trio.current_time())
@@ -494,6 +495,7 @@ class Node:
             "connections_failed": 0,
             "entries_received": 0,
             "joins_refused": 0,
+            "joins_abandoned": 0,
         }
         self.invites = InviteBook()
         self._invite_ended: dict[bytes, trio.Event] = {}  # short codes waiting for their end
@@ -956,13 +958,16 @@ class Node:
         return offered
 
     def revoke_short_invite(self, code_text: str) -> bool:
-        """Close an open short code (and withdraw it from relay and LAN); False if not open."""
-        invite_id = ShortCode.parse_untrusted(code_text).lookup.invite_id
-        if not self.invites.is_open(invite_id, int(time.time())):
-            return False
-        self.invites.consume(self.invites.find(invite_id, int(time.time())))
-        self.invite_closed(invite_id)
-        return True
+        """Close an open invite: a short code (also withdrawn from relay and LAN) or a
+        ticket (``p2pt...``). False if it was not open (used, expired, revoked) or a
+        device is joining with it right now."""
+        if has_prefix(code_text, TICKET_PREFIX):
+            invite_id = decode_ticket_untrusted(code_text).invite_id
+        else:
+            invite_id = ShortCode.parse_untrusted(code_text).lookup.invite_id
+        revoked = self.invites.revoke(invite_id, time.time())
+        self._invite_events()
+        return revoked
 
     def invite_end(self, invite_id: bytes) -> trio.Event:
         """An event set when the invite is used up (joined, burnt or revoked)."""
@@ -973,8 +978,27 @@ class Node:
         if event is not None:
             event.set()
 
-    async def serve_join(self, stream: Any, first: bytes) -> None:
-        """Answer a join handshake whose first frame is already read (``first``)."""
+    def _invite_events(self) -> None:
+        """Wake whoever waits on an invite the book has ended."""
+        while (ended := self.invites.next_event()) is not None:
+            log.info("invite %s ended: %s", ended.invite_id[:4].hex(), ended.reason)
+            self.invite_closed(ended.invite_id)
+
+    def _join_source(self, conn: Connection) -> str:
+        """Whom JOIN_REQUEST limits count against: the joiner's address (IPv6 by its
+        prefix), or its NodeId when it comes through the relay."""
+        address = conn.source_address
+        if address is not None:
+            return source_key(str(address[0]), defaults.JOIN_IPV6_PREFIX)
+        return f"relayed:{conn.their_node_id}"
+
+    async def serve_join(self, conn: Connection, stream: Any, first: bytes) -> None:
+        """Answer a join handshake whose first frame is already read (``first``).
+
+        The :class:`~p2psync.pairing.InviteBook` decides each step; this only
+        reads, writes, and records the MEMBER entry once the book says the
+        invite is used up (after the joiner acknowledged the welcome).
+        """
         decoder = FrameDecoder(MAX_JOIN_FRAME)
         decoder.feed(first)
 
@@ -986,35 +1010,36 @@ class Node:
                 decoder.feed(data)
             return decode_join_untrusted(body)
 
+        handshake: InviterHandshake | None = None
         try:
             with trio.fail_after(defaults.SYNC_HANDSHAKE_TIMEOUT):
                 kind, fields = await next_message()
                 if kind != JOIN_REQUEST:
                     raise BadFrame("a join starts with JOIN_REQUEST")
                 request = decode_request_fields(fields)
-                invite = self.invites.find(request.invite_id, int(time.time()))
                 challenge = os.urandom(CHALLENGE_SIZE)
-                script = transcript(
-                    request.invite_id, self.node_id, request.joiner, request.challenge, challenge
-                )
-                await stream.send_all(
-                    join_frame(
-                        JOIN_CHALLENGE, challenge, join_mac(invite.secret, b"inviter", script)
+                try:
+                    handshake = self.invites.begin(
+                        request, self._join_source(conn), self.node_id, challenge, time.time()
                     )
-                )
+                finally:
+                    self._invite_events()
+                await stream.send_all(join_frame(JOIN_CHALLENGE, challenge, handshake.mac))
                 kind, fields = await next_message()
                 if kind != JOIN_PROOF or len(fields) != 1:
                     raise BadFrame("expected JOIN_PROOF")
                 try:
-                    check_mac(join_mac(invite.secret, b"joiner", script), fields[0], "joiner")
-                except IntegrityError:
-                    if self.invites.failed_proof(invite):
-                        self.invite_closed(invite.invite_id)
-                    raise JoinRefused("wrong-code", "wrong or mistyped invite code") from None
-                self.invites.consume(invite)
-                self.invite_closed(invite.invite_id)
-                # Recorded before the welcome: a device that holds the secret is
-                # always in `devices`, and its first sync brings its own record.
+                    self.invites.prove(handshake, fields[0], time.time())
+                finally:
+                    self._invite_events()
+                sealed = seal_secrets(request.joiner, self.home.load_secrets())
+                await stream.send_all(join_frame(JOIN_WELCOME, sealed))
+                # The joiner ends its stream once it has opened the secrets:
+                # until then the invite stays claimed, not used.
+                if await stream.receive_some(MAX_JOIN_FRAME) or decoder.buffered:
+                    raise BadFrame("expected the joiner's end of stream after JOIN_WELCOME")
+                self.invites.welcomed(handshake)
+                self._invite_events()
                 member = Meta(
                     key="",
                     content_type="device",
@@ -1025,9 +1050,8 @@ class Node:
                     self.store.append, Kind.MEMBER, member, now_ms=ops.now_ms()
                 )
                 self._announce_local(stored)
-                sealed = seal_secrets(request.joiner, self.home.load_secrets())
-                await stream.send_all(join_frame(JOIN_WELCOME, sealed))
-                await stream.send_eof()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_eof()
             log.info("device %s (%s) joined the group", request.joiner.short(), request.name)
             self.joined.set()
             self.joined = trio.Event()
@@ -1037,9 +1061,13 @@ class Node:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(join_frame(JOIN_REFUSED, exc.code, str(exc)))
                 await stream.send_eof()
-        except (BadFrame, trio.TooSlowError) as exc:
-            self.counters["joins_refused"] += 1
-            log.warning("bad join attempt: %s", exc)
+        except (BadFrame, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            self.counters["joins_abandoned" if handshake is not None else "joins_refused"] += 1
+            log.warning("join attempt ended: %s", exc or type(exc).__name__)
+        finally:
+            if handshake is not None:
+                self.invites.abandon(handshake, time.time())  # a no-op once it ended
+                self._invite_events()
 
     def _relay_status(self) -> dict[str, Any] | None:
         relay = self.relay

@@ -25,6 +25,8 @@ a sync HELLO). Frames are ``u32be length || msgpack`` as in
     I -> J  JOIN_CHALLENGE [41, challenge_i, mac_i]
     J -> I  JOIN_PROOF    [42, mac_j]
     I -> J  JOIN_WELCOME  [43, sealed]   sealed_box(joiner, pack([secret bytes, ...]))
+    J -> I  end of stream                the joiner opened the secrets
+    I -> J  end of stream                the inviter used up the invite, recorded MEMBER
     I -> J  JOIN_REFUSED  [44, code str, reason str]     (instead of any of the above)
 
     transcript = b"p2psync join v1\\0" || invite_id || inviter || joiner
@@ -36,10 +38,22 @@ Both MACs bind both NodeIds and two fresh challenges, so a relay or a LAN
 eavesdropper that sees a handshake (but not the ticket) can neither answer
 it nor replay it; the TLS certificate proves the inviter's NodeId to the
 joiner; the group secret is sealed to the joiner's NodeId, so only the
-holder of that key can open it. An invite is consumed by its first
-successful proof; expired, consumed or unknown invites are refused with a
-reason and change nothing; three wrong proofs burn an invite (a guessed
-ticket cannot be brute-forced online).
+holder of that key can open it.
+
+An invite is accepted **once**. The inviter's :class:`InviteBook` decides
+every step against its current state in one synchronous call, so
+handshakes running side by side cannot share an invite: the first right
+proof *claims* the invite (every other handshake is refused ``in-use``
+from then on), and the invite is used up and the joiner's signed MEMBER
+entry recorded only when the joiner has acknowledged the welcome (its end
+of stream); a welcome that is lost releases the claim, and nothing is
+recorded. Each handshake that gets the inviter's MAC is one of the invite's
+:data:`~p2psync.defaults.JOIN_MAX_TRIES` tries however it ends (a wrong
+proof, a joiner that hangs up), so at most that many run at once and that
+many failures burn the invite: neither a guessed ticket nor a short code's
+second half can be brute-forced online. JOIN_REQUESTs are rate-limited per
+source. Expired, used, unknown, burnt or revoked invites are refused with a
+reason and change nothing.
 
 Short codes
 -----------
@@ -72,13 +86,15 @@ done within the 10-minute lifetime. The numbers, and why not a PAKE, are in
 
 from __future__ import annotations
 
+import collections
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import blake3
 
+from p2psync import defaults
 from p2psync.crypto.aead import (
     NONCE_SIZE,
     DecryptionFailed,
@@ -109,6 +125,7 @@ from p2psync.proto.codec import (
 )
 from p2psync.proto.entry import hlc_to_ms
 from p2psync.proto.framing import frame
+from p2psync.ratelimit import KeyedBuckets
 
 if TYPE_CHECKING:
     from p2psync.store import StoredEntry
@@ -119,8 +136,6 @@ INVITE_ID_SIZE = 16
 INVITE_SECRET_SIZE = 32
 CHALLENGE_SIZE = 32
 MAX_JOIN_FRAME = 16 * 1024
-MAX_FAILED_PROOFS = 3
-MAX_OPEN_INVITES = 64
 _TRANSCRIPT_LABEL = b"p2psync join v1\x00"
 
 MAX_TICKET_PAYLOAD = 4096  # sealed (+ nonce and tag) it fits invites_wire.MAX_SEALED_SIZE
@@ -419,72 +434,6 @@ def join_mac(secret: bytes, role: bytes, transcript_bytes: bytes) -> bytes:
     return blake3.blake3(role + transcript_bytes, key=secret).digest()
 
 
-# --- the inviter's book of open invites ---------------------------------------------
-
-
-@dataclass(slots=True)
-class Invite:
-    invite_id: bytes
-    secret: bytes
-    expires: int
-    failed_proofs: int = 0
-
-
-class InviteBook:
-    """Open invites of one node (in memory; a daemon restart drops them)."""
-
-    def __init__(self) -> None:
-        self._open: dict[bytes, Invite] = {}
-
-    def create(self, random_bytes: RandomBytes, now: int, lifetime: int) -> Invite:
-        return self.add(
-            random_bytes(INVITE_ID_SIZE), random_bytes(INVITE_SECRET_SIZE), now, lifetime
-        )
-
-    def add(self, invite_id: bytes, secret: bytes, now: int, lifetime: int) -> Invite:
-        """Open an invite whose id and secret were derived elsewhere (a short code's)."""
-        self.expire(now)
-        if len(self._open) >= MAX_OPEN_INVITES:
-            raise JoinRefused("too-many-invites", "too many open invites; wait for some to expire")
-        if invite_id in self._open:
-            raise JoinRefused("duplicate-invite", "this invite is already open")
-        invite = Invite(invite_id, secret, now + lifetime)
-        self._open[invite_id] = invite
-        return invite
-
-    def is_open(self, invite_id: bytes, now: int) -> bool:
-        self.expire(now)
-        return invite_id in self._open
-
-    def expire(self, now: int) -> None:
-        for invite_id in [i for i, inv in self._open.items() if inv.expires <= now]:
-            del self._open[invite_id]
-
-    def find(self, invite_id: bytes, now: int) -> Invite:
-        self.expire(now)
-        invite = self._open.get(invite_id)
-        if invite is None:
-            raise JoinRefused(
-                "unknown-invite",
-                "this invite is unknown, expired or already used; ask for a new one",
-            )
-        return invite
-
-    def consume(self, invite: Invite) -> None:
-        self._open.pop(invite.invite_id, None)
-
-    def failed_proof(self, invite: Invite) -> bool:
-        """Count a wrong proof; True when that burned the invite."""
-        invite.failed_proofs += 1
-        if invite.failed_proofs >= MAX_FAILED_PROOFS:
-            self.consume(invite)
-            return True
-        return False
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-
 # --- the two sides, as plain functions over decoded messages --------------------------
 
 
@@ -527,6 +476,270 @@ def open_secrets(identity: Identity, sealed: bytes) -> list[GroupSecret]:
 def check_mac(expected: bytes, got: object, who: str) -> None:
     if not isinstance(got, bytes) or not hmac.compare_digest(expected, got):
         raise IntegrityError(f"the {who}'s proof does not match the invite")
+
+
+# --- the inviter's book of open invites ---------------------------------------------
+
+
+@dataclass(slots=True)
+class Invite:
+    """An open invite (see :class:`InviteBook`).
+
+    ``tries``: handshakes that got our MAC, however they ended or are going
+    (:data:`~p2psync.defaults.JOIN_MAX_TRIES`); ``running``: those still in
+    flight; ``claimed_by``: the handshake whose proof was right, from then
+    until its welcome is acknowledged or lost.
+    """
+
+    invite_id: bytes
+    secret: bytes = field(repr=False)
+    expires: int
+    tries: int = 0
+    running: int = 0
+    claimed_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InviteEnded:
+    """An invite left the book: ``reason`` is joined, burned, revoked or expired."""
+
+    invite_id: bytes
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
+class InviterHandshake:
+    """One join handshake at the inviter, made by :meth:`InviteBook.begin`.
+
+    ``challenge`` and ``mac`` are what JOIN_CHALLENGE carries; ``state``
+    moves along :data:`HANDSHAKE_TRANSITIONS`.
+    """
+
+    number: int
+    invite_id: bytes
+    request: JoinRequest
+    challenge: bytes
+    script: bytes = field(repr=False)
+    mac: bytes = field(repr=False)
+    state: str = "challenged"
+
+
+# (state, what happened) -> next state. "challenged": our MAC is out, the
+# proof is awaited; "proved": the proof was right and the handshake holds the
+# invite's claim while the welcome is delivered; "ended": counted, nothing
+# more to do. Anything else is a LocalProtocolError (a shell bug).
+HANDSHAKE_TRANSITIONS: Final[dict[tuple[str, str], str]] = {
+    ("challenged", "proof-right"): "proved",
+    ("challenged", "proof-refused"): "ended",
+    ("challenged", "abandoned"): "ended",
+    ("proved", "welcomed"): "ended",
+    ("proved", "abandoned"): "ended",
+    ("ended", "abandoned"): "ended",  # the shell's `finally` after any end: a no-op
+}
+
+
+class InviteBook:
+    """A node's open invites and the inviter's side of every join handshake (sans-IO).
+
+    In memory: a daemon restart drops open invites. Every method takes
+    ``now`` (unix seconds) and decides against the book's *current* state,
+    in one synchronous step, so handshakes that run side by side cannot both
+    use one invite:
+
+    - :meth:`begin` (a JOIN_REQUEST): rate-limited per source
+      (:mod:`p2psync.ratelimit`), then the invite must be open, unclaimed
+      and have a try left; the handshake takes a try and our MAC.
+    - :meth:`prove` (a JOIN_PROOF): looks the invite up again. Gone (used,
+      burnt, revoked, expired) or claimed by another handshake: refused. A
+      wrong proof keeps its try (three burn the invite once none is in
+      flight). A right proof **claims** the invite: every other handshake is
+      refused from now on, and revocation and expiry wait.
+    - :meth:`welcomed` (the joiner acknowledged the welcome): the invite is
+      used up; only now does the shell record the MEMBER entry.
+    - :meth:`abandon` (the handshake ended any other way: the joiner hung
+      up or timed out, even after our MAC, or the welcome was lost): the try
+      stays counted, except that a claim is released and its try given back
+      (that joiner knew the secret; it may try again).
+
+    Ended invites come out of :meth:`next_event`, for the shell to wake
+    whoever waits on them.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_open: int = defaults.INVITES_MAX_OPEN,
+        max_tries: int = defaults.JOIN_MAX_TRIES,
+        request_rate: float = defaults.JOIN_REQUEST_PER_SOURCE_RATE,
+        request_burst: float = defaults.JOIN_REQUEST_PER_SOURCE_BURST,
+        total_rate: float = defaults.JOIN_REQUEST_TOTAL_RATE,
+        total_burst: float = defaults.JOIN_REQUEST_TOTAL_BURST,
+        max_sources: int = defaults.JOIN_REQUEST_MAX_SOURCES,
+    ) -> None:
+        self._open: dict[bytes, Invite] = {}
+        self._max_open = max_open
+        self.max_tries = max_tries
+        self._requests: KeyedBuckets[str] = KeyedBuckets(
+            request_rate,
+            request_burst,
+            max_sources,
+            total_rate=total_rate,
+            total_burst=total_burst,
+            now=0.0,
+        )
+        self._handshakes = 0
+        self._events: collections.deque[InviteEnded] = collections.deque(maxlen=4 * max_open)
+
+    # --- opening and closing ----------------------------------------------------------
+
+    def create(self, random_bytes: RandomBytes, now: float, lifetime: int) -> Invite:
+        return self.add(
+            random_bytes(INVITE_ID_SIZE), random_bytes(INVITE_SECRET_SIZE), now, lifetime
+        )
+
+    def add(self, invite_id: bytes, secret: bytes, now: float, lifetime: int) -> Invite:
+        """Open an invite whose id and secret were derived elsewhere (a short code's)."""
+        self.expire(now)
+        if len(self._open) >= self._max_open:
+            raise JoinRefused("too-many-invites", "too many open invites; wait for some to expire")
+        if invite_id in self._open:
+            raise JoinRefused("duplicate-invite", "this invite is already open")
+        invite = Invite(invite_id, secret, int(now) + lifetime)
+        self._open[invite_id] = invite
+        return invite
+
+    def is_open(self, invite_id: bytes, now: float) -> bool:
+        self.expire(now)
+        return invite_id in self._open
+
+    def revoke(self, invite_id: bytes, now: float) -> bool:
+        """Close an open invite; False if it is not open, or a device is joining with it
+        right now (its proof was right: too late to take it back)."""
+        self.expire(now)
+        invite = self._open.get(invite_id)
+        if invite is None or invite.claimed_by is not None:
+            return False
+        self._end(invite, "revoked")
+        return True
+
+    def expire(self, now: float) -> None:
+        """Drop invites past their time (a claimed one ends with its handshake)."""
+        for invite in [i for i in self._open.values() if i.expires <= now]:
+            if invite.claimed_by is None:
+                self._end(invite, "expired")
+
+    def next_event(self) -> InviteEnded | None:
+        return self._events.popleft() if self._events else None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    # --- the handshake ----------------------------------------------------------------
+
+    def begin(
+        self, request: JoinRequest, source: str, inviter: NodeId, challenge: bytes, now: float
+    ) -> InviterHandshake:
+        """Answer a JOIN_REQUEST from ``source``, or raise :class:`JoinRefused`."""
+        if not self._requests.take(source, now):
+            raise JoinRefused(
+                "rate-limited", "too many join attempts from your address; wait a minute"
+            )
+        self.expire(now)
+        invite = self._open.get(request.invite_id)
+        if invite is None:
+            raise _unknown_invite()
+        if invite.claimed_by is not None or invite.tries >= self.max_tries:
+            raise _in_use()
+        invite.tries += 1
+        invite.running += 1
+        self._handshakes += 1
+        script = transcript(invite.invite_id, inviter, request.joiner, request.challenge, challenge)
+        return InviterHandshake(
+            number=self._handshakes,
+            invite_id=invite.invite_id,
+            request=request,
+            challenge=challenge,
+            script=script,
+            mac=join_mac(invite.secret, b"inviter", script),
+        )
+
+    def prove(self, handshake: InviterHandshake, mac: object, now: float) -> None:
+        """Check a JOIN_PROOF against the invite as it is now; raise :class:`JoinRefused`
+        unless the proof is right and the invite is still there for this handshake."""
+        _step(handshake, "proof-right")  # only checks that a proof is expected now
+        self.expire(now)
+        invite = self._open.get(handshake.invite_id)
+        if invite is None:
+            handshake.state = _step(handshake, "proof-refused")
+            raise _unknown_invite()
+        right = isinstance(mac, bytes) and hmac.compare_digest(
+            join_mac(invite.secret, b"joiner", handshake.script), mac
+        )
+        if not right or invite.claimed_by is not None:
+            handshake.state = _step(handshake, "proof-refused")
+            invite.running -= 1
+            self._settle(invite, now)
+            if not right:
+                raise JoinRefused("wrong-code", "wrong or mistyped invite code")
+            raise _in_use()
+        handshake.state = _step(handshake, "proof-right")
+        invite.claimed_by = handshake.number
+
+    def welcomed(self, handshake: InviterHandshake) -> None:
+        """The joiner has the group secret: the invite is used up."""
+        handshake.state = _step(handshake, "welcomed")
+        invite = self._open[handshake.invite_id]  # a claimed invite stays until now
+        self._end(invite, "joined")
+
+    def abandon(self, handshake: InviterHandshake, now: float) -> None:
+        """The handshake ended without :meth:`welcomed` (safe to call after any end)."""
+        previous = handshake.state
+        handshake.state = _step(handshake, "abandoned")
+        if previous == "ended":
+            return
+        invite = self._open.get(handshake.invite_id)
+        if invite is None:
+            return
+        invite.running -= 1
+        if invite.claimed_by == handshake.number:
+            invite.claimed_by = None
+            invite.tries -= 1  # its proof was right: the lost welcome is not a try
+        self._settle(invite, now)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _settle(self, invite: Invite, now: float) -> None:
+        if invite.claimed_by is not None:
+            return
+        if invite.tries >= self.max_tries and invite.running == 0:
+            self._end(invite, "burned")
+        elif invite.expires <= now:
+            self._end(invite, "expired")
+
+    def _end(self, invite: Invite, reason: str) -> None:
+        del self._open[invite.invite_id]
+        self._events.append(InviteEnded(invite.invite_id, reason))
+
+
+def _step(handshake: InviterHandshake, happened: str) -> str:
+    state = HANDSHAKE_TRANSITIONS.get((handshake.state, happened))
+    if state is None:
+        raise LocalProtocolError(f"join handshake: {happened} in state {handshake.state}")
+    return state
+
+
+def _unknown_invite() -> JoinRefused:
+    return JoinRefused(
+        "unknown-invite", "this invite is unknown, expired or already used; ask for a new one"
+    )
+
+
+def _in_use() -> JoinRefused:
+    return JoinRefused(
+        "in-use",
+        "another device is joining with this invite right now (an invite works once); "
+        "if that is not yours, ask for a new one",
+    )
 
 
 # --- devices: the group's MEMBER entries ------------------------------------------------

@@ -5,17 +5,42 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
 
 from p2psync.crypto.group import GroupSecret, group_id_text
-from p2psync.errors import BadFrame, ConfigError
+from p2psync.crypto.identity import Identity
+from p2psync.errors import BadFrame, ConfigError, LocalProtocolError
 from p2psync.home import Home
 from p2psync.join import join_group
-from p2psync.node import NodeOptions, open_node
-from p2psync.pairing import InviteBook, JoinRefused, Ticket, decode_ticket_untrusted
+from p2psync.net.endpoint import EndpointConfig, open_endpoint
+from p2psync.node import Node, NodeOptions, open_node
+from p2psync.pairing import (
+    CHALLENGE_SIZE,
+    INVITE_SECRET_SIZE,
+    JOIN_CHALLENGE,
+    JOIN_PROOF,
+    JOIN_REFUSED,
+    JOIN_REQUEST,
+    JOIN_WELCOME,
+    MAX_JOIN_FRAME,
+    Invite,
+    InviteBook,
+    InviterHandshake,
+    JoinRefused,
+    JoinRequest,
+    Ticket,
+    decode_join_untrusted,
+    decode_ticket_untrusted,
+    join_frame,
+    join_mac,
+    transcript,
+)
 from p2psync.proto.entry import Kind
+from p2psync.proto.messages import FrameDecoder
+from p2psync.ratelimit import source_key
 
 from .conftest import wait_until
 
@@ -46,17 +71,151 @@ class GroupSecretlessId:
     node_id = Identity.from_seed(b"\x09" * 32).node_id
 
 
-def test_invite_book_expiry_once_and_burn() -> None:
+# --- the invite book, sans-IO: handshakes side by side ---------------------------------
+
+INVITER = GroupSecretlessId.node_id
+
+
+def _request(invite_id: bytes, n: int = 0) -> JoinRequest:
+    joiner = Identity.from_seed(bytes([0x40 + n]) * 32).node_id
+    return JoinRequest(invite_id, joiner, f"joiner-{n}", bytes([n]) * CHALLENGE_SIZE)
+
+
+def _begin(book: InviteBook, invite: Invite, n: int, now: float = 1000.0) -> InviterHandshake:
+    return book.begin(_request(invite.invite_id, n), f"198.51.100.{n}", INVITER,
+                      bytes([0x80 + n]) * CHALLENGE_SIZE, now)  # fmt: skip
+
+
+def _proof(secret: bytes, handshake: InviterHandshake) -> bytes:
+    """What a joiner holding ``secret`` answers (it checked our MAC the same way)."""
+    return join_mac(secret, b"joiner", handshake.script)
+
+
+def _events(book: InviteBook) -> list[str]:
+    found = []
+    while (event := book.next_event()) is not None:
+        found.append(event.reason)
+    return found
+
+
+def test_parallel_right_proofs_only_the_first_claims_and_only_a_welcome_uses_it() -> None:
+    book = InviteBook()
+    invite = book.create(os.urandom, now=1000, lifetime=600)
+    running = [_begin(book, invite, n) for n in range(3)]
+    with pytest.raises(JoinRefused) as fourth:  # every try is in flight: no fourth
+        _begin(book, invite, 3)
+    assert fourth.value.code == "in-use"
+    book.prove(running[0], _proof(invite.secret, running[0]), 1001.0)
+    assert book.is_open(invite.invite_id, 1001.0)  # claimed, not used: no welcome yet
+    with pytest.raises(JoinRefused) as second:  # checked against the book as it is now
+        book.prove(running[1], _proof(invite.secret, running[1]), 1001.0)
+    assert second.value.code == "in-use"
+    assert not book.revoke(invite.invite_id, 1001.0)  # a device is joining with it
+    book.welcomed(running[0])
+    assert _events(book) == ["joined"] and len(book) == 0
+    with pytest.raises(JoinRefused) as third:
+        book.prove(running[2], _proof(invite.secret, running[2]), 1002.0)
+    assert third.value.code == "unknown-invite"
+    for handshake in running:  # the shell's `finally`: nothing more happens
+        book.abandon(handshake, 1003.0)
+    assert _events(book) == [] and len(book) == 0
+    with pytest.raises(JoinRefused) as late:
+        _begin(book, invite, 4, now=1004.0)
+    assert late.value.code == "unknown-invite"
+
+
+def test_parallel_wrong_proofs_burn_the_invite_once_none_is_in_flight() -> None:
+    book = InviteBook()
+    invite = book.create(os.urandom, now=1000, lifetime=600)
+    running = [_begin(book, invite, n) for n in range(3)]
+    wrong = b"\x00" * INVITE_SECRET_SIZE
+    for handshake in running[:2]:
+        with pytest.raises(JoinRefused, match="wrong or mistyped") as refused:
+            book.prove(handshake, _proof(wrong, handshake), 1001.0)
+        assert refused.value.code == "wrong-code"
+    assert _events(book) == [] and len(book) == 1  # one try still in flight
+    with pytest.raises(JoinRefused) as busy:
+        _begin(book, invite, 3)
+    assert busy.value.code == "in-use"
+    with pytest.raises(JoinRefused):
+        book.prove(running[2], _proof(wrong, running[2]), 1001.0)
+    assert _events(book) == ["burned"] and len(book) == 0
+    # Even the right secret is too late now.
+    with pytest.raises(JoinRefused) as gone:
+        _begin(book, invite, 4)
+    assert gone.value.code == "unknown-invite"
+
+
+def test_a_handshake_abandoned_after_our_mac_is_a_try() -> None:
+    book = InviteBook()
+    invite = book.create(os.urandom, now=1000, lifetime=600)
+    for n in range(2):
+        book.abandon(_begin(book, invite, n), 1001.0)  # hung up after JOIN_CHALLENGE
+    assert book.is_open(invite.invite_id, 1001.0)
+    book.abandon(_begin(book, invite, 2), 1001.0)
+    assert _events(book) == ["burned"] and not book.is_open(invite.invite_id, 1001.0)
+
+
+def test_a_lost_welcome_releases_the_claim_and_gives_its_try_back() -> None:
+    book = InviteBook()
+    invite = book.create(os.urandom, now=1000, lifetime=600)
+    for n in range(3):  # three right proofs whose welcome never arrived
+        handshake = _begin(book, invite, n)
+        book.prove(handshake, _proof(invite.secret, handshake), 1001.0)
+        book.abandon(handshake, 1001.0)
+    assert _events(book) == [] and book.is_open(invite.invite_id, 1001.0)
+    handshake = _begin(book, invite, 3)
+    book.prove(handshake, _proof(invite.secret, handshake), 1002.0)
+    book.welcomed(handshake)
+    assert _events(book) == ["joined"]
+    with pytest.raises(LocalProtocolError):  # one welcome per handshake, in order
+        book.welcomed(handshake)
+
+
+def test_expiry_waits_for_a_claim_and_revocation_by_invite_id() -> None:
     book = InviteBook()
     invite = book.create(os.urandom, now=1000, lifetime=60)
-    assert book.find(invite.invite_id, now=1059) is invite
-    with pytest.raises(JoinRefused, match="unknown, expired"):
-        book.find(invite.invite_id, now=1060)
-    second = book.create(os.urandom, now=2000, lifetime=60)
-    for _ in range(3):
-        book.failed_proof(second)
+    handshake = _begin(book, invite, 0, now=1050.0)
+    book.prove(handshake, _proof(invite.secret, handshake), 1059.0)
+    assert book.is_open(invite.invite_id, 1070.0)  # past its time, but being welcomed
+    book.abandon(handshake, 1070.0)  # ... and the welcome was lost
+    assert _events(book) == ["expired"] and len(book) == 0
+    other = book.create(os.urandom, now=2000, lifetime=60)
+    with pytest.raises(JoinRefused) as expired:
+        _begin(book, other, 0, now=2060.0)
+    assert expired.value.code == "unknown-invite" and _events(book) == ["expired"]
+    ticket_invite = book.create(os.urandom, now=3000, lifetime=600)
+    assert book.revoke(ticket_invite.invite_id, 3001.0)
+    assert not book.revoke(ticket_invite.invite_id, 3002.0)
+    assert _events(book) == ["revoked"]
     with pytest.raises(JoinRefused):
-        book.find(second.invite_id, now=2001)
+        _begin(book, ticket_invite, 0, now=3003.0)
+
+
+def test_join_requests_are_rate_limited_per_source_and_ipv6_by_prefix() -> None:
+    book = InviteBook(request_rate=0.1, request_burst=2, total_rate=1.0, total_burst=5)
+    invite = book.create(os.urandom, now=1000, lifetime=600)
+
+    def ask(source: str, now: float) -> str:
+        try:
+            book.abandon(book.begin(_request(invite.invite_id), source, INVITER,
+                                    b"\x01" * CHALLENGE_SIZE, now), now)  # fmt: skip
+        except JoinRefused as exc:
+            return exc.code
+        return "answered"
+
+    book.max_tries = 1000  # this test is about the requests, not the tries
+    a = source_key("2001:db8:1:2::5", 64)
+    assert [ask(a, 1000.0) for _ in range(3)] == ["answered", "answered", "rate-limited"]
+    # Another address of the same /64 is the same source; another /64 is not.
+    assert ask(source_key("2001:db8:1:2:ffff::9", 64), 1000.0) == "rate-limited"
+    assert ask(source_key("2001:db8:1:3::5", 64), 1000.0) == "answered"
+    assert ask(source_key("198.51.100.7", 64), 1000.0) == "answered"
+    assert ask(source_key("::ffff:198.51.100.7", 64), 1000.0) == "answered"  # the same IPv4
+    assert ask(source_key("198.51.100.7", 64), 1000.0) == "rate-limited"
+    # The total bucket holds however many sources there are (5 answered so far).
+    assert ask("203.0.113.1", 1000.0) == "rate-limited"
+    assert ask(a, 1010.0) == "answered"  # refilled: 10 s per request and source
 
 
 async def test_join_over_quic_then_sync(make_home: Callable[..., Home]) -> None:
@@ -123,3 +282,189 @@ async def test_wrong_secret_expired_and_already_joined(make_home: Callable[..., 
             with pytest.raises(JoinRefused, match="expired"):
                 await join_group(make_home("c", None), expired.encode())
             assert a.counters["joins_refused"] == 0
+
+
+# --- side by side over real QUIC -----------------------------------------------------------
+
+
+def _loopback_ticket(node: Node, lifetime: int = 600) -> Ticket:
+    return dataclasses.replace(
+        node.create_invite(lifetime), addresses=(("127.0.0.1", node.endpoint.local_address[1]),)
+    )
+
+
+async def _raw_join(
+    ticket: Ticket,
+    *,
+    secret: bytes | None = None,
+    invite_id: bytes | None = None,
+    until: str = "welcome",
+) -> dict[str, Any]:
+    """Speak the joiner's side by hand, as an attacker or a broken joiner would.
+
+    ``secret`` keys our proof (default the ticket's); ``until`` is where we
+    stop: ``"challenge"`` (hang up after the inviter's MAC), ``"welcome"``
+    (take the welcome and hang up without acknowledging it), ``"ack"``
+    (behave). Returns what the inviter sent.
+    """
+    identity = Identity.generate(os.urandom)
+    secret = ticket.invite_secret if secret is None else secret
+    invite_id = ticket.invite_id if invite_id is None else invite_id
+    seen: dict[str, Any] = {}
+    config = EndpointConfig(bind_host="127.0.0.1", bind_port=0)
+    async with open_endpoint(identity, config) as endpoint:
+        conn = await endpoint.connect(ticket.inviter, ticket.addresses[0])
+        stream = await conn.open_stream()
+        decoder = FrameDecoder(MAX_JOIN_FRAME)
+
+        async def receive() -> tuple[int, list[object]]:
+            while (body := decoder.next_frame()) is None:
+                data = await stream.receive_some(MAX_JOIN_FRAME)
+                assert data, "the inviter ended the stream without a message"
+                decoder.feed(data)
+            return decode_join_untrusted(body)
+
+        challenge_j = os.urandom(CHALLENGE_SIZE)
+        await stream.send_all(
+            join_frame(JOIN_REQUEST, invite_id, identity.node_id.raw, "raw", challenge_j)
+        )
+        kind, fields = await receive()
+        seen["first"] = kind
+        if kind == JOIN_REFUSED:
+            seen["refused"] = fields[0]
+        elif until != "challenge":
+            assert kind == JOIN_CHALLENGE
+            challenge_i, mac_i = fields
+            assert isinstance(challenge_i, bytes)
+            script = transcript(invite_id, ticket.inviter, identity.node_id, challenge_j,
+                                challenge_i)  # fmt: skip
+            seen["mac_i"], seen["script"] = mac_i, script
+            await stream.send_all(join_frame(JOIN_PROOF, join_mac(secret, b"joiner", script)))
+            kind, fields = await receive()
+            seen["second"] = kind
+            if kind == JOIN_REFUSED:
+                seen["refused"] = fields[0]
+            elif kind == JOIN_WELCOME and until == "ack":
+                await stream.send_eof()
+                with trio.move_on_after(5):
+                    seen["acked"] = await stream.receive_some(MAX_JOIN_FRAME) == b""
+        await conn.aclose()
+    return seen
+
+
+def _member_names(node: Node) -> list[str]:
+    return [m.meta.name for m in node.store.members() if m.meta]
+
+
+async def test_parallel_joiners_with_one_ticket_exactly_one_joins(
+    make_home: Callable[..., Home],
+) -> None:
+    secret = GroupSecret.generate(os.urandom)
+    a_home = make_home("a", secret)
+    homes = [make_home(f"j{n}", None) for n in range(4)]
+    outcome: dict[int, str] = {}
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            ticket = _loopback_ticket(a)
+
+            async def join(n: int) -> None:
+                try:
+                    await join_group(homes[n], ticket.encode(), name=f"j{n}")
+                    outcome[n] = "joined"
+                except JoinRefused as exc:
+                    outcome[n] = exc.code
+                    assert "ask for a new one" in str(exc)  # says what to do
+
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(join, n)
+            assert sorted(outcome.values()).count("joined") == 1, outcome
+            assert set(outcome.values()) <= {"joined", "in-use", "unknown-invite"}, outcome
+            winner = next(n for n, code in outcome.items() if code == "joined")
+            assert _member_names(a) == [f"j{winner}"]  # exactly one MEMBER entry
+            for n, home in enumerate(homes):
+                assert bool(home.load_secrets()) == (n == winner)
+            assert len(a.invites) == 0
+
+
+async def test_parallel_wrong_proofs_burn_the_ticket_and_nothing_is_recorded(
+    make_home: Callable[..., Home],
+) -> None:
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            ticket = _loopback_ticket(a)
+            wrong = os.urandom(INVITE_SECRET_SIZE)
+            seen: list[dict[str, Any]] = []
+
+            async def attack() -> None:
+                seen.append(await _raw_join(ticket, secret=wrong))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(attack)
+            refusals = sorted(str(s["refused"]) for s in seen)
+            # Three handshakes hold the three tries; the fourth is turned away
+            # at once; no WELCOME anywhere.
+            assert refusals == ["in-use", "wrong-code", "wrong-code", "wrong-code"], seen
+            assert not any(s.get("second") == JOIN_WELCOME for s in seen)
+            assert len(a.invites) == 0 and _member_names(a) == []
+            # Burnt: the real ticket is refused too, with a clear reason.
+            with pytest.raises(JoinRefused) as burnt:
+                await join_group(make_home("b", None), ticket.encode())
+            assert burnt.value.code == "unknown-invite"
+            assert _member_names(a) == []
+
+
+async def test_a_lost_welcome_records_nothing_and_the_invite_still_works(
+    make_home: Callable[..., Home],
+) -> None:
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            ticket = _loopback_ticket(a)
+            dropped = await _raw_join(ticket, until="welcome")  # hangs up, no ack
+            assert dropped["second"] == JOIN_WELCOME
+            await wait_until(a, lambda: a.counters["joins_abandoned"] == 1)
+            assert _member_names(a) == [] and len(a.invites) == 1
+            # Hung up after the inviter's MAC: a try. Two of them and the lost
+            # welcome (given back) leave one try, for the real joiner.
+            for _ in range(2):
+                assert (await _raw_join(ticket, until="challenge"))["first"] == JOIN_CHALLENGE
+            await wait_until(a, lambda: a.counters["joins_abandoned"] == 3)
+            assert len(a.invites) == 1
+            b_home = make_home("b", None)
+            await join_group(b_home, ticket.encode(), name="b")
+            assert b_home.load_secrets() and _member_names(a) == ["b"]
+
+
+async def test_handshakes_abandoned_after_the_mac_burn_the_invite(
+    make_home: Callable[..., Home],
+) -> None:
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            ticket = _loopback_ticket(a)
+            ended = a.invite_end(ticket.invite_id)
+            for _ in range(3):
+                await _raw_join(ticket, until="challenge")
+            await ended.wait()
+            assert len(a.invites) == 0
+            assert (await _raw_join(ticket))["refused"] == "unknown-invite"
+
+
+async def test_join_requests_are_rate_limited_at_the_inviter(
+    make_home: Callable[..., Home],
+) -> None:
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            a.invites = InviteBook(request_burst=2, request_rate=0.001)
+            ticket = _loopback_ticket(a)
+            unknown = os.urandom(16)
+            assert (await _raw_join(ticket, invite_id=unknown))["refused"] == "unknown-invite"
+            assert (await _raw_join(ticket, invite_id=unknown))["refused"] == "unknown-invite"
+            # The third request from 127.0.0.1 is not even looked up: the real
+            # invite is refused too, and stays open, untried.
+            assert (await _raw_join(ticket))["refused"] == "rate-limited"
+            assert len(a.invites) == 1 and a.counters["joins_refused"] == 3
