@@ -245,6 +245,50 @@ def test_documented_library_examples_run(tmp_path: Path, doc: str, expected: str
     assert expected in done.stdout.splitlines()
 
 
+def test_control_api_stdlib_client_example_runs_against_a_daemon(tmp_path: Path) -> None:
+    """docs/control-api.md's Python example (stdlib socket + json only) against `p2psync daemon`."""
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    env = {**os.environ, "P2PSYNC_HOME": str(home)}
+    for argv in (["init", "--name", "server"], ["group", "create"]):
+        subprocess.run([sys.executable, "-m", "p2psync.cli", *argv], env=env, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+    log = (tmp_path / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "p2psync.cli", "daemon", "--no-mdns", "--listen", "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (home / "control.sock").exists():
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        script = tmp_path / "client.py"
+        script.write_text(python_example(ROOT / "docs" / "control-api.md"))
+        done = subprocess.run([sys.executable, "-I", str(script)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        log.close()
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    assert re.fullmatch(r"put notes/from-python cursor \d+", printed[0])
+    assert "pulled put 'notes/from-python'" in printed
+    assert printed[-4:] == [
+        "error code not-found",
+        "subscribed: entry-added notes/live",
+        "stream ended: {'cancelled': True, 'done': True}",
+        "value: written while subscribed",
+    ]
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -331,7 +375,7 @@ def test_systemd_user_unit_runs_a_command_the_cli_accepts() -> None:
 
 
 def test_relayd_system_unit_keeps_its_identity_and_mailbox_in_the_state_directory() -> None:
-    """relayd.service: the flags parse, with the example config, and --data is StateDirectory."""
+    """relayd.service and the Dockerfile: the flags parse, and --data is the kept state."""
     import shlex
 
     from relayd.cli import build_parser as relayd_parser
@@ -349,6 +393,13 @@ def test_relayd_system_unit_keeps_its_identity_and_mailbox_in_the_state_director
     args.config = ROOT / "relayd" / "relayd.example.toml"  # what the unit tells to install
     config = config_from_args(args)
     assert config.data_dir == "/var/lib/relayd" and config.mailbox.enabled
+    # The Dockerfile's entrypoint too: its --data is the image's volume.
+    dockerfile = (ROOT / "relayd" / "Dockerfile").read_text()
+    [entrypoint] = re.findall(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M)
+    [volume] = re.findall(r"^VOLUME (\[.*\])$", dockerfile, re.M)
+    argv = json.loads(entrypoint)
+    assert argv[0] == "relayd"
+    assert relayd_parser().parse_args(argv[1:]).data in json.loads(volume)
 
 
 def test_daemon_honours_the_home_from_env_and_its_config(tmp_path: Path) -> None:
