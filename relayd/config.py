@@ -149,6 +149,7 @@ class RelaydInvites:
     failed_lookup_per_ip_rate: float = d.INVITES_FAILED_LOOKUP_PER_IP_RATE
     failed_lookup_per_ip_burst: int = d.INVITES_FAILED_LOOKUP_PER_IP_BURST
     max_tracked_ips: int = d.MAX_TRACKED_IPS
+    ipv6_prefix: int = d.INVITES_IPV6_PREFIX  # per-IP limits count IPv6 by this prefix
 
 
 # --- mailbox section ------------------------------------------------------------
@@ -329,6 +330,15 @@ _INVITE_KEYS: dict[str, Callable[[object], Any]] = {
     )
     for f in dataclasses.fields(RelaydInvites)
 }
+
+
+def _want_ipv6_prefix(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ConfigError(f"expected an IPv6 prefix length 1..128, got {_describe(value)}")
+    return value
+
+
+_INVITE_KEYS["ipv6_prefix"] = _want_ipv6_prefix
 
 
 def _want_non_negative_int(value: object) -> int:

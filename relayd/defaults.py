@@ -107,6 +107,11 @@ INVITES_FAILED_LOOKUP_PER_IP_RATE = 1.0 / 60.0
 INVITES_FAILED_LOOKUP_PER_IP_BURST = 5
 # Wrong proofs one invite survives (typos), then it is burnt.
 INVITES_MAX_WRONG_PROOFS = 3
+# The per-IP limits count an IPv6 source by its /64: a host is handed a whole
+# /64 (RFC 6177) and may pick a fresh address per request. IPv4 stays per
+# address. Shorter (e.g. 56, 48) groups whole sites, at the cost of the
+# neighbours sharing them.
+INVITES_IPV6_PREFIX = 64
 
 # --- mailbox (store-and-forward; runs when relayd has a --data directory) ----
 # The mailbox is what makes relayd stateful, so it is on whenever a data

@@ -28,8 +28,12 @@ Rules it keeps
   creating address; ended records leave a small tombstone (reason only, for
   clear errors: "used", "expired", "revoked") that lives ``max_lifetime_s``
   and is bounded by ``max_stored`` too (oldest dropped first). Rate-limit
-  state per source IP lives in LRU tables of ``max_tracked_ips``.
-- **Rate limits per source IP**: creations (``create_*``), lookups
+  state per source lives in LRU tables of ``max_tracked_ips``.
+- **A source** is an IPv4 address, or an IPv6 address's ``/ipv6_prefix``
+  (64 by default, :func:`p2psync.ratelimit.source_key`): a host handed a
+  /64 could otherwise take fresh limits with every address it picks.
+  ``max_per_ip`` and every rate limit count per source.
+- **Rate limits per source**: creations (``create_*``), lookups
   (``lookup_*``) and, stricter, failed lookups (``failed_lookup_*``: an
   unknown lookup id, a wrong proof, an ended record). A lookup is refused
   up front while the failure bucket is empty, so a guesser gets at most
@@ -67,6 +71,7 @@ from p2psync.proto.invites import (
     decode_request_untrusted,
     encode_reply,
 )
+from p2psync.ratelimit import source_key
 from relayd import defaults as d
 from relayd.config import RelaydInvites
 from relayd.metrics import Registry
@@ -158,12 +163,17 @@ class InviteStore:
         return len(self._lookups.table) + len(self._creates.table)
 
     def open_from(self, ip: str) -> int:
-        return self._per_ip.get(ip, 0)
+        return self._per_ip.get(self.source(ip), 0)
 
     # --- requests -------------------------------------------------------------------
 
+    def source(self, ip: str) -> str:
+        """What the per-IP limits count ``ip`` as (IPv6: its prefix)."""
+        return source_key(ip, self.limits.ipv6_prefix)
+
     def create(self, owner: NodeId, ip: str, request: Create, now: float) -> Outcome:
         limits = self.limits
+        ip = self.source(ip)
         bucket = self._creates.bucket(ip, now)
         if not bucket.take(now):
             retry = self._creates.retry_after(bucket, now)
@@ -192,6 +202,7 @@ class InviteStore:
         return Outcome(Created(lifetime), "ok")
 
     def fetch(self, ip: str, request: Fetch, now: float) -> Outcome:
+        ip = self.source(ip)
         lookups = self._lookups.bucket(ip, now)
         failures = self._failures.bucket(ip, now)
         if failures.available(now) < 1.0:

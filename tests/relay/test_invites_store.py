@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import random
 
@@ -12,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2psync.crypto.identity import Identity, NodeId
-from p2psync.errors import BadFrame
+from p2psync.errors import BadFrame, ConfigError
 from p2psync.proto import invites as wire
 from p2psync.proto.invites import InviteFailure
-from relayd.config import RelaydInvites
+from relayd.config import RelaydInvites, config_from_mapping
 from relayd.invites import LIMIT_CREATE, LIMIT_FAILED_LOOKUP, InviteStore
 
 OWNER = Identity.from_seed(b"\x01" * 32).node_id
@@ -165,6 +166,48 @@ def test_creation_is_rate_limited_and_bounded_per_ip_and_in_total() -> None:
         1 / limits.create_per_ip_rate,
     )
     assert isinstance(later.reply, wire.Created)
+
+
+def test_ipv6_sources_are_limited_by_their_prefix_and_ipv4_per_address() -> None:
+    """A guesser with a /64 gets no more failed lookups than one with a single
+    address, whichever addresses it picks; other /64s and IPv4 hosts are apart."""
+    store = InviteStore(LIMITS)
+    burst = LIMITS.failed_lookup_per_ip_burst
+
+    def guess(ip: str) -> str | None:
+        return store.fetch(ip, wire.Fetch(os.urandom(16), PROOF), 0.0).limit
+
+    host = int(ipaddress.IPv6Address("2001:db8:1:2::"))
+    picks = [str(ipaddress.IPv6Address(host + n * 0x1_0000_0001)) for n in range(burst + 3)]
+    attempts = [guess(ip) for ip in picks]
+    assert attempts == [None] * burst + [LIMIT_FAILED_LOOKUP] * 3  # one /64: one budget
+    assert guess("2001:db8:1:3::1") is None  # the neighbouring /64 is another source
+    assert [guess("198.51.100.7") for _ in range(burst + 1)][-2:] == [None, LIMIT_FAILED_LOOKUP]
+    assert guess("::ffff:198.51.100.7") == LIMIT_FAILED_LOOKUP  # mapped: the same IPv4
+    assert guess("198.51.100.8") is None  # IPv4: each address its own
+    # Open invites per creating address count the prefix too.
+    limits = dataclasses.replace(LIMITS, max_per_ip=2)
+    creating = InviteStore(limits)
+    assert isinstance(_create(creating, 0.0, b"a" * 16, ip="2001:db8:5:6::1"), wire.Created)
+    assert isinstance(_create(creating, 0.0, b"b" * 16, ip="2001:db8:5:6::2"), wire.Created)
+    assert _code(_create(creating, 0.0, b"c" * 16, ip="2001:db8:5:6:a::3")) is InviteFailure.FULL
+    assert creating.open_from("2001:db8:5:6::99") == 2
+
+
+def test_the_ipv6_prefix_is_configurable() -> None:
+    config = config_from_mapping({"invites": {"ipv6_prefix": 48}})
+    assert config.invites.ipv6_prefix == 48 and LIMITS.ipv6_prefix == 64
+    store = InviteStore(config.invites)
+    burst = LIMITS.failed_lookup_per_ip_burst
+    for n in range(burst):  # a different /64 each time, all in one /48
+        assert (
+            store.fetch(f"2001:db8:7:{n}::1", wire.Fetch(os.urandom(16), PROOF), 0.0).limit is None
+        )
+    refused = store.fetch("2001:db8:7:ff::1", wire.Fetch(os.urandom(16), PROOF), 0.0)
+    assert refused.limit == LIMIT_FAILED_LOOKUP
+    for bad in (0, 129, True, "64"):
+        with pytest.raises(ConfigError, match="ipv6_prefix"):
+            config_from_mapping({"invites": {"ipv6_prefix": bad}})
 
 
 def test_tombstones_are_bounded() -> None:
