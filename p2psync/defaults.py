@@ -324,6 +324,11 @@ JOIN_IPV6_PREFIX = 64
 # inviter records it only then), waits this long for the inviter's end of
 # stream so its own gets out before it closes the connection.
 JOIN_ACK_WAIT = 5.0
+# A short code's LAN advert that our second half does not open means a typo
+# (or a stranger's planted copy): keep looking this long for one that opens
+# (a planted copy and the real one are announced alike), then say "check the
+# last 8 characters" without asking the relay (that would spend a try).
+JOIN_LAN_MISMATCH_GRACE = 1.0
 # Last seen of each peer is written to the store at most this often
 # (`p2psync devices` reads it without a daemon); a restart loses at most
 # this much of it.

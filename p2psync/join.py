@@ -19,9 +19,13 @@ Finding the inviter
   and on the relay (the home's configured relay or ``--relay``) at once. The
   LAN gets a head start of :data:`LAN_HEAD_START`: an inviter next to us
   answers in well under that, and then the relay copy is never fetched (the
-  inviter revokes it). Otherwise the relay's sealed ticket (fetched with the
-  proof from the second half, :mod:`p2psync.proto.invites`) says whom to dial,
-  as a ticket does.
+  inviter revokes it). An advert of our first half that our second half does
+  not open means a typo: after :data:`~p2psync.defaults.JOIN_LAN_MISMATCH_GRACE`
+  the search stops with ``wrong-code`` and the relay is not asked (a proof
+  from a wrong second half would spend one of its tries). Otherwise the
+  relay's sealed ticket (fetched with the proof from the second half,
+  :mod:`p2psync.proto.invites`) says whom to dial, as a ticket does, once it
+  passes the checks a typed ticket does (not expired, not our own).
 
 Offering a short code
 ---------------------
@@ -35,11 +39,18 @@ it was burnt by wrong proofs, or revoked), or expires, then withdraws the
 LAN advert and revokes the relay copy (``REVOKE``; a copy already fetched
 is gone anyway).
 
+The handshake itself is :mod:`p2psync.pairing`'s; the joiner ends its
+stream once it has opened the group secrets (the inviter records it only
+then) and waits up to :data:`~p2psync.defaults.JOIN_ACK_WAIT` for the
+inviter's end of stream before it closes the connection.
+
 Errors are :class:`~p2psync.pairing.JoinRefused` with a stable ``code``:
 ``wrong-code`` (the second half does not fit: found out before the inviter
 is contacted, so nothing changes there), ``not-found``, ``used``,
 ``expired``, ``revoked``, ``burned``, ``rate-limited``, ``unreachable``,
-``no-relay``, or the inviter's own refusal codes.
+``no-relay``, ``self``, ``impostor`` (the inviter could not prove the
+invite), or the inviter's own refusal codes (``unknown-invite``,
+``in-use``, ``rate-limited``).
 """
 
 from __future__ import annotations
@@ -392,8 +403,19 @@ async def _find_by_code(
     lan_problem: list[str] = []
     mismatches: list[WrongSecretHalf] = []
     lan_done = trio.Event()
+    mismatched = trio.Event()
+    fetching = False
 
     async with trio.open_nursery() as nursery:
+
+        async def stop_after_mismatch() -> None:
+            # Our first half's advert does not open with our second half. The
+            # right advert (if a stranger planted that one) shows up about as
+            # fast; after a grace stop looking, unless the relay is answering.
+            await mismatched.wait()
+            await trio.sleep(defaults.JOIN_LAN_MISMATCH_GRACE)
+            if not fetching:
+                nursery.cancel_scope.cancel()
 
         async def look_on_lan() -> None:
             from p2psync.discovery.mdns import MdnsConfig, MdnsUnavailable, find_invite
@@ -406,6 +428,7 @@ async def _find_by_code(
                         keys.advert_tag,
                         our_node_id=our_node_id,
                         mismatches=mismatches,
+                        on_mismatch=mismatched.set,
                     )
                     found.append(_Target(invite.node_id, invite.addresses, None))
                     nursery.cancel_scope.cancel()
@@ -416,15 +439,23 @@ async def _find_by_code(
 
         if lan:
             nursery.start_soon(look_on_lan)
+            nursery.start_soon(stop_after_mismatch)
         else:
             lan_problem.append("LAN search off")
             lan_done.set()
         if relay is not None:
             with trio.move_on_after(LAN_HEAD_START):
                 await lan_done.wait()
-            if not found:
+            if not found and mismatches:
+                # The inviter is on this LAN and our second half does not open its
+                # advert: asking the relay with that half would only spend one of
+                # the record's tries.
+                nursery.cancel_scope.cancel()
+            elif not found:
+                fetching = True
                 try:
                     ticket = await _fetch_ticket(relay, code, keys)
+                    _check_ticket(ticket, our_node_id)
                 except JoinRefused as exc:
                     relay_failure.append(exc)
                     if exc.code != "not-found":
@@ -432,13 +463,14 @@ async def _find_by_code(
                 else:
                     found.append(_Target(ticket.inviter, ticket.addresses, ticket.relay))
                     nursery.cancel_scope.cancel()
+                fetching = False
         await lan_done.wait()
         nursery.cancel_scope.cancel()
     if found:
         return found[0]
     final = [failure for failure in relay_failure if failure.code != "not-found"]
     if final:
-        raise final[0]
+        raise final[0]  # the relay was asked and knows the code: its word is the last
     if mismatches:
         raise JoinRefused("wrong-code", str(mismatches[0]))
     reasons = [str(failure) for failure in relay_failure]
@@ -461,10 +493,11 @@ def _check_joinable(home: Home) -> Identity:
     return identity
 
 
-def _check_ticket(ticket: Ticket, identity: Identity) -> None:
+def _check_ticket(ticket: Ticket, our_node_id: NodeId) -> None:
+    """A ticket typed in, or fetched from the relay for a short code: still good, not ours."""
     if ticket.expires <= time.time():
-        raise JoinRefused("expired", "this ticket has expired; ask for a new one")
-    if ticket.inviter == identity.node_id:
+        raise JoinRefused("expired", "this invite has expired; ask for a new one")
+    if ticket.inviter == our_node_id:
         raise JoinRefused("self", "this is our own invite; run join on the other device")
 
 
@@ -505,7 +538,7 @@ async def join_group(
     name = name or home.load_config().name
     if has_prefix(code_text, TICKET_PREFIX):
         ticket = decode_ticket_untrusted(code_text)
-        _check_ticket(ticket, identity)
+        _check_ticket(ticket, identity.node_id)
         target = _Target(ticket.inviter, ticket.addresses, ticket.relay)
         relay_text = ticket.relay or relay
         async with _joiner_endpoint(home, identity, relay_text) as (endpoint, client, _why):

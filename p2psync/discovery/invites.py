@@ -132,7 +132,9 @@ def open_invite_advert(
     opened = open_advert(advert.sealed, [advert_tag])
     if opened is None:
         raise WrongSecretHalf(
-            "an inviter on this network offers a code with these first 8 characters, "
-            "but the last 8 do not match it: check them"
+            "wrong or mistyped code: an inviter on this network offers a code with these "
+            "first 8 characters, but the last 8 do not match it: check the last 8 characters "
+            "(nothing was sent to the inviter or the relay; if they are right, join with "
+            "--no-mdns to ask the relay only)"
         )
     return opened

@@ -795,15 +795,16 @@ async def find_invite(
     our_node_id: NodeId | None = None,
     stats: MdnsStats | None = None,
     mismatches: list[WrongSecretHalf] | None = None,
+    on_mismatch: Callable[[], None] | None = None,
 ) -> FoundInvite:
     """Browse the LAN until the inviter of our code shows up (cancel to give up).
 
     Raises :class:`MdnsUnavailable` when there is no usable interface or
     multicast. Adverts whose tag matches but whose seal our second half does
     not open (:class:`~p2psync.discovery.invites.WrongSecretHalf`) are
-    appended to ``mismatches`` (bounded), so a caller that gives up can say
-    "mistyped" instead of "not found". Our own advert (``our_node_id``) is
-    skipped.
+    appended to ``mismatches`` (bounded) and reported to ``on_mismatch`` (in
+    the trio thread), so a caller can stop early and say "mistyped" instead of
+    "not found". Our own advert (``our_node_id``) is skipped.
     """
     stats = stats if stats is not None else MdnsStats()
     snapshot = interface_snapshot(config.interfaces)
@@ -836,7 +837,14 @@ async def find_invite(
                                 continue
                             stats.resolved += 1
                             found = _consider_invite(
-                                resolved, lan_tag, advert_tag, snapshot, config, stats, mismatches
+                                resolved,
+                                lan_tag,
+                                advert_tag,
+                                snapshot,
+                                config,
+                                stats,
+                                mismatches,
+                                on_mismatch,
                             )
                             if found is not None and found.node_id != our_node_id:
                                 result.append(found)
@@ -865,6 +873,7 @@ def _consider_invite(
     config: MdnsConfig,
     stats: MdnsStats,
     mismatches: list[WrongSecretHalf] | None,
+    on_mismatch: Callable[[], None] | None = None,
 ) -> FoundInvite | None:
     try:
         advert = decode_invite_txt_untrusted(resolved.txt)
@@ -873,6 +882,8 @@ def _consider_invite(
         stats.foreign += 1
         if mismatches is not None and len(mismatches) < config.max_pending:
             mismatches.append(exc)
+        if on_mismatch is not None:
+            on_mismatch()
         return None
     except BadFrame as exc:
         stats.invalid += 1

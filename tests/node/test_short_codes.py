@@ -447,3 +447,81 @@ def test_untrusted_adverts_and_sealed_tickets_fail_cleanly(data: bytes) -> None:
         open_ticket_untrusted(keys, CODE.lookup, data)
     except (BadFrame, IntegrityError):
         pass
+
+
+@pytest.mark.usefixtures("relay_only")
+async def test_a_lan_mismatch_stops_before_the_relay_spends_a_try(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With LAN and relay: the LAN advert shows the second half is wrong, so the
+    joiner says so and never shows the relay a proof made from it."""
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", None)
+    lan_calls: list[bytes] = []
+
+    async def lan_with_a_typo(*args: Any, **kwargs: Any) -> Any:
+        lan_calls.append(args[1])
+        # The inviter's advert, as a joiner with the wrong second half sees it.
+        kwargs["mismatches"].append(_lan_mismatch())
+        kwargs["on_mismatch"]()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr("p2psync.discovery.mdns.find_invite", lan_with_a_typo)
+    with trio.fail_after(120):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            async with open_node(a_home, NodeOptions(listen=LOOPBACK, relay=relay_text)) as a:
+                offered = await _offer(a)
+                typo = _typo(ShortCode.parse_untrusted(offered.code), 13).text
+                started = trio.current_time()
+                with pytest.raises(JoinRefused) as wrong:
+                    await join_group(b_home, typo, relay=relay_text)
+                assert trio.current_time() - started < 5  # the grace, not the 10 s search
+                assert wrong.value.code == "wrong-code" and lan_calls
+                assert "check the last 8 characters" in str(wrong.value)
+                # The relay's record still has all three tries: this typo, sent to
+                # the relay, is its first.
+                with pytest.raises(JoinRefused) as at_relay:
+                    await join_group(b_home, typo, relay=relay_text, lan=False)
+                assert "2 more tries" in str(at_relay.value)
+                assert len(a.invites) == 1 and a.counters["joins_refused"] == 0
+                await join_group(b_home, offered.code, relay=relay_text, lan=False)
+                assert b_home.load_secrets()
+
+
+def _lan_mismatch() -> WrongSecretHalf:
+    """What opening an inviter's advert with a mistyped second half raises."""
+    keys = CODE.derive_keys(**CHEAP)
+    node_id = Identity.generate(os.urandom).node_id
+    advert = InviteAdvert.seal(CODE.lookup.lan_tag, keys.advert_tag, node_id, 1, os.urandom)
+    typo = _typo(CODE, 12).derive_keys(**CHEAP)
+    with pytest.raises(WrongSecretHalf) as mismatch:
+        open_invite_advert(advert, CODE.lookup.lan_tag, typo.advert_tag)
+    return mismatch.value
+
+
+@pytest.mark.usefixtures("relay_only")
+async def test_a_ticket_fetched_from_the_relay_is_checked_like_a_typed_one(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expired ticket from the relay is refused before the inviter is dialed."""
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", None)
+    ticket_for = Node.ticket_for
+    monkeypatch.setattr(
+        Node,
+        "ticket_for",
+        lambda self, invite: dataclasses.replace(ticket_for(self, invite), expires=1),
+    )
+    with trio.fail_after(120):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            async with open_node(a_home, NodeOptions(listen=LOOPBACK, relay=relay_text)) as a:
+                offered = await _offer(a)
+                with pytest.raises(JoinRefused) as expired:
+                    await join_group(b_home, offered.code, relay=relay_text, lan=False)
+                assert expired.value.code == "expired" and "expired" in str(expired.value)
+                assert b_home.load_secrets() == []
+                # Nothing reached the inviter: its invite is open and untried.
+                assert len(a.invites) == 1
+                assert a.counters["joins_refused"] == a.counters["joins_abandoned"] == 0
