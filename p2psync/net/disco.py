@@ -48,7 +48,21 @@ on the shared socket, first byte ``b0``:
 - ``b0 & 0xC0 == 0x80`` -> disco **iff** bytes 0..6 equal MAGIC. The only QUIC
   packet that may look like this is Version Negotiation (RFC 9000 §17.2.1,
   Fixed Bit arbitrary), and its bytes 1..5 are the version 0x00000000,
-  which MAGIC's bytes 1..5 are not.
+  which MAGIC's bytes 1..5 are not;
+- ``b0 & 0xC0 == 0x80`` -> the relay's UDP fast path **iff** bytes 0..5 equal
+  ``8e 70 32 70 72`` (0x8e, "p2pr"; byte 5 is the direction: 01 node to
+  relay, 02 relay to node; :mod:`p2psync.proto.relay`). Neither disco
+  (first byte 0x8d) nor Version Negotiation (bytes 1..5 zero) starts so;
+- anything else with ``b0 & 0xC0 == 0x80`` -> QUIC (Version Negotiation).
+
+In a table (``b0`` = first byte)::
+
+    b0 & 0xC0   bytes             what
+    0x00        4..8 = cookie     STUN (RFC 8489)
+    0x40, 0xC0  -                 QUIC v1 short / long header (Fixed Bit)
+    0x80        0..6 = 8d"p2pd"01 disco (this module)
+    0x80        0..5 = 8e"p2pr"   relay fast path (p2psync.proto.relay)
+    0x80        other             QUIC Version Negotiation (version 0)
 
 Over the relay the same datagram bytes travel as a relay payload (see
 :mod:`.endpoint`); the shell drops one whose sealed sender is not the

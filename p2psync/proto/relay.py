@@ -18,8 +18,8 @@ Handshake and traffic (``->`` node to relay, ``<-`` relay to node)::
 
     -> HELLO          [0, version u16]                          first frame, opens the stream
     <- CHALLENGE      [1, nonce bin32, observed addr|nil]
-    -> AUTH           [2, node_id bin32, signature bin64, token bin|nil, [addr, ...]]
-    <- WELCOME        [3, observed addr|nil, max_payload uint]  now authenticated
+    -> AUTH           [2, node_id bin32, signature bin64, token bin|nil, [addr, ...](, flags u32)]
+    <- WELCOME        [3, observed addr|nil, max_payload uint(, flags u32)]  now authenticated
     <- ERROR          [11, code uint, message str]              (see RelayErrorCode)
 
     -> SEND           [4, dst bin32, payload bin]               payload <= max_payload
@@ -36,11 +36,57 @@ Handshake and traffic (``->`` node to relay, ``<-`` relay to node)::
 AUTH's signature is Ed25519 by the node's identity over::
 
     b"p2psync-relay auth v1\\0" || nonce (32) || node NodeId (32) || relay NodeId (32)
+    b"p2psync-relay auth v2\\0" || nonce (32) || node NodeId (32) || relay NodeId (32)
+                                 || flags (u32 big-endian)          (an AUTH with flags)
 
 The nonce makes it worthless on any other connection; the relay's NodeId
 (proven to the node by the QUIC/TLS certificate, see
 :mod:`p2psync.net.tls`) makes it worthless at any other relay, so a
-malicious relay cannot replay a node's AUTH to a real one.
+malicious relay cannot replay a node's AUTH to a real one. The v2 input
+also covers the capability flags, so what the node asks for is part of
+what its key signed (the distinct context keeps a v1 signature from ever
+verifying as a v2 one, and back).
+
+Capability flags (AUTH ``flags``: what the node asks for; WELCOME
+``flags``: what the relay grants, a subset). Unknown bits are ignored, so
+a flag can be added without a new protocol version::
+
+    FLAG_UDP_DATAGRAMS = 0x1    the UDP fast path below
+
+Both fields are optional on the wire: an AUTH without ``flags`` is an
+older node's (v1 signature input, no capabilities), and the relay answers
+it with a WELCOME without ``flags``, which older nodes can decode. A relay
+older than the flags refuses a 6-field AUTH with PROTOCOL_ERROR; the node
+then logs in without flags on its next attempt (see
+:mod:`p2psync.net.relay_client`).
+
+UDP fast path (``FLAG_UDP_DATAGRAMS``, TURN ChannelData-like)
+--------------------------------------------------------------
+Once both sides have the flag, relayed datagrams may skip the relay
+stream and travel as plain UDP datagrams between the node's socket (the
+same socket its relay connection uses, so the same NAT mapping, kept open
+by that connection) and the relay's UDP port::
+
+    -> DATAGRAM_TO_RELAY    8e 70 32 70 72 01 | dst NodeId (32) | payload
+    <- DATAGRAM_FROM_RELAY  8e 70 32 70 72 02 | src NodeId (32) | payload
+
+The 5-byte prefix is ``0x8e`` "p2pr"; the sixth byte is the direction, so
+neither side ever mistakes one direction for the other. ``payload`` (at
+least one byte) is exactly what a SEND/RECV payload would be: one inner
+QUIC datagram or disco message. Overhead: :data:`DATAGRAM_OVERHEAD` (38)
+bytes. Demultiplexing on the shared socket (table in :mod:`p2psync.net.disco`):
+the first byte has the top bits ``10`` (so no QUIC v1 long or short header,
+whose Fixed Bit 0x40 is set, and no STUN, whose top bits are ``00``), it is
+not disco's ``0x8d``, and bytes 1..5 are not the all-zero version of a QUIC
+Version Negotiation packet.
+
+There is no authentication in the datagram itself: the relay accepts a
+DATAGRAM_TO_RELAY only from the exact UDP address (IP and port) of an
+authenticated connection that asked for the flag, and charges it to that
+node (see :mod:`relayd.routing`); a node accepts a DATAGRAM_FROM_RELAY only
+from its relay's address (see :mod:`p2psync.net.endpoint`). Like a TURN
+permission, the source address is the credential; the security argument is
+in :mod:`relayd.routing` and docs/security.md.
 
 ``token`` is the relay's optional shared access token (a relay may require
 it); ``[addr, ...]`` are the local addresses the node chooses to publish in
@@ -62,6 +108,8 @@ Rules
 - :func:`decode_node_to_relay_untrusted`, :func:`decode_relay_to_node_untrusted`
   and :class:`FrameDecoder` raise only :class:`~p2psync.errors.BadFrame`
   (:class:`FrameTooLarge` for a length header over the limit).
+- :func:`decode_datagram_to_relay_untrusted` and
+  :func:`decode_datagram_from_relay_untrusted` raise only :class:`BadFrame`.
 - NodeId checks cost ~0.1 ms (an Ed25519 point check); a :class:`NodeIdCache`
   keeps validated ids so a busy connection pays it once per peer.
 """
@@ -110,6 +158,19 @@ _U32: Final = 2**32 - 1
 _U64: Final = 2**64 - 1
 
 AUTH_CONTEXT: Final = b"p2psync-relay auth v1\0"
+AUTH_CONTEXT_FLAGS: Final = b"p2psync-relay auth v2\0"
+
+# Capability flags (AUTH asks, WELCOME grants; unknown bits are ignored).
+FLAG_UDP_DATAGRAMS: Final = 0x1
+KNOWN_FLAGS: Final = FLAG_UDP_DATAGRAMS
+
+# UDP fast path datagrams: a 5-byte prefix, then the direction byte.
+DATAGRAM_PREFIX: Final = b"\x8ep2pr"
+DATAGRAM_TO_RELAY: Final = DATAGRAM_PREFIX + b"\x01"
+DATAGRAM_FROM_RELAY: Final = DATAGRAM_PREFIX + b"\x02"
+DATAGRAM_HEADER_SIZE: Final = len(DATAGRAM_TO_RELAY)
+# Bytes a fast-path datagram adds around its payload: header and NodeId.
+DATAGRAM_OVERHEAD: Final = DATAGRAM_HEADER_SIZE + NODE_ID_SIZE
 
 FRAME_HEADER_SIZE: Final = framing.FRAME_HEADER_SIZE
 
@@ -148,10 +209,13 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
+    """``flags`` None: the field is absent (an older node; v1 signature input)."""
+
     node_id: NodeId
     signature: bytes
     access_token: bytes | None = None
     published: tuple[Address, ...] = ()
+    flags: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +249,14 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """``flags`` None: the field is absent (the answer to an AUTH without flags)."""
+
     observed: Address | None
     max_payload: int
+    flags: int | None = None
+
+    def grants(self, flag: int) -> bool:
+        return self.flags is not None and bool(self.flags & flag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,11 +323,17 @@ _T_ERROR: Final = 11
 # --- auth -------------------------------------------------------------------------
 
 
-def auth_input(nonce: bytes, node_id: NodeId, relay_node_id: NodeId) -> bytes:
-    """The bytes AUTH's signature covers (see the module docstring)."""
+def auth_input(
+    nonce: bytes, node_id: NodeId, relay_node_id: NodeId, flags: int | None = None
+) -> bytes:
+    """The bytes AUTH's signature covers (see the module docstring): v1 without flags."""
     if len(nonce) != NONCE_SIZE:
         raise BadFrame(f"a relay challenge nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
-    return AUTH_CONTEXT + nonce + node_id.raw + relay_node_id.raw
+    if flags is None:
+        return AUTH_CONTEXT + nonce + node_id.raw + relay_node_id.raw
+    if not 0 <= flags <= _U32:
+        raise BadFrame(f"relay flags must fit 32 bits, got {flags}")
+    return AUTH_CONTEXT_FLAGS + nonce + node_id.raw + relay_node_id.raw + flags.to_bytes(4, "big")
 
 
 # --- NodeId cache -------------------------------------------------------------------
@@ -303,13 +379,16 @@ def _body(message: NodeToRelay | RelayToNode) -> list[object]:
     if isinstance(message, Hello):
         return [_T_HELLO, message.version]
     if isinstance(message, Auth):
-        return [
+        body: list[object] = [
             _T_AUTH,
             message.node_id.raw,
             message.signature,
             message.access_token,
             [_encode_address(a) for a in message.published],
         ]
+        if message.flags is not None:
+            body.append(message.flags)
+        return body
     if isinstance(message, Lookup):
         return [_T_LOOKUP, message.request_id, message.node_id.raw]
     if isinstance(message, Ping):
@@ -317,7 +396,10 @@ def _body(message: NodeToRelay | RelayToNode) -> list[object]:
     if isinstance(message, Challenge):
         return [_T_CHALLENGE, message.nonce, _encode_address(message.observed)]
     if isinstance(message, Welcome):
-        return [_T_WELCOME, _encode_address(message.observed), message.max_payload]
+        body = [_T_WELCOME, _encode_address(message.observed), message.max_payload]
+        if message.flags is not None:
+            body.append(message.flags)
+        return body
     if isinstance(message, NotHere):
         return [_T_NOT_HERE, message.dst.raw]
     if isinstance(message, LookupResult):
@@ -395,9 +477,14 @@ def _fields(body: bytes, max_frame: int) -> tuple[int, list[object]]:
     return as_int(items[0], "relay message type", hi=255), items
 
 
-def _arity(items: list[object], name: str, count: int) -> None:
-    if len(items) != count:
-        raise BadFrame(f"{name}: expected {count} fields, got {len(items)}")
+def _arity(items: list[object], name: str, count: int, optional: int = 0) -> None:
+    if not count <= len(items) <= count + optional:
+        expected = f"{count}" if not optional else f"{count} to {count + optional}"
+        raise BadFrame(f"{name}: expected {expected} fields, got {len(items)}")
+
+
+def _optional_flags(items: list[object], index: int, field: str) -> int | None:
+    return as_int(items[index], field, hi=_U32) if len(items) > index else None
 
 
 def decode_node_to_relay_untrusted(
@@ -420,7 +507,7 @@ def decode_node_to_relay_untrusted(
         _arity(items, "HELLO", 2)
         return Hello(as_int(items[1], "HELLO version", hi=0xFFFF))
     if kind == _T_AUTH:
-        _arity(items, "AUTH", 5)
+        _arity(items, "AUTH", 5, optional=1)
         token = items[3]
         return Auth(
             node_id=_node_id(items[1], "AUTH node_id", node_ids),
@@ -429,6 +516,7 @@ def decode_node_to_relay_untrusted(
             if token is None
             else as_bytes(token, "AUTH token", max_size=MAX_ACCESS_TOKEN),
             published=_addresses(items[4], "AUTH addresses"),
+            flags=_optional_flags(items, 5, "AUTH flags"),
         )
     if kind == _T_LOOKUP:
         _arity(items, "LOOKUP", 3)
@@ -460,10 +548,11 @@ def decode_relay_to_node_untrusted(
             _optional_address(items[2], "CHALLENGE observed"),
         )
     if kind == _T_WELCOME:
-        _arity(items, "WELCOME", 3)
+        _arity(items, "WELCOME", 3, optional=1)
         return Welcome(
             _optional_address(items[1], "WELCOME observed"),
             as_int(items[2], "WELCOME max_payload", lo=1, hi=_U32),
+            _optional_flags(items, 3, "WELCOME flags"),
         )
     if kind == _T_NOT_HERE:
         _arity(items, "NOT_HERE", 2)
@@ -489,6 +578,78 @@ def decode_relay_to_node_untrusted(
     raise BadFrame(f"relay message type {kind} is not one a relay sends")
 
 
+# --- UDP fast path datagrams -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramToRelay:
+    """A fast-path datagram a node sent: relay ``payload`` to ``dst``."""
+
+    dst: NodeId
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramFromRelay:
+    """A fast-path datagram the relay sent: ``payload`` from ``src`` (proven by its AUTH)."""
+
+    src: NodeId
+    payload: bytes
+
+
+def is_relay_datagram(data: bytes) -> bool:
+    """True if ``data`` starts like a fast-path datagram (either direction)."""
+    return data[:5] == DATAGRAM_PREFIX
+
+
+def encode_datagram_to_relay(dst: NodeId, payload: bytes) -> bytes:
+    """``DATAGRAM_TO_RELAY | dst | payload``: one UDP datagram to the relay."""
+    return DATAGRAM_TO_RELAY + dst.raw + payload
+
+
+def datagram_from_relay_header(src: NodeId) -> bytes:
+    """What precedes every payload from ``src``: a relay keeps it per node and appends."""
+    return DATAGRAM_FROM_RELAY + src.raw
+
+
+def encode_datagram_from_relay(src: NodeId, payload: bytes) -> bytes:
+    """``DATAGRAM_FROM_RELAY | src | payload``: one UDP datagram to a node."""
+    return DATAGRAM_FROM_RELAY + src.raw + payload
+
+
+def _datagram_fields(
+    data: bytes, header: bytes, name: str, node_ids: NodeIdCache | None
+) -> tuple[NodeId, bytes]:
+    if len(data) <= DATAGRAM_OVERHEAD:
+        raise BadFrame(f"{name}: {len(data)} bytes is too short for a header and a payload")
+    if data[:DATAGRAM_HEADER_SIZE] != header:
+        raise BadFrame(f"{name}: not a {name} header")
+    node_id = _node_id(data[DATAGRAM_HEADER_SIZE:DATAGRAM_OVERHEAD], f"{name} node id", node_ids)
+    return node_id, data[DATAGRAM_OVERHEAD:]
+
+
+def decode_datagram_to_relay_untrusted(
+    data: bytes, node_ids: NodeIdCache | None = None
+) -> DatagramToRelay:
+    """Decode a fast-path datagram a node sent; raises only :class:`BadFrame`.
+
+    Says nothing about who sent it: the relay checks the source address.
+    """
+    dst, payload = _datagram_fields(data, DATAGRAM_TO_RELAY, "DATAGRAM_TO_RELAY", node_ids)
+    return DatagramToRelay(dst, payload)
+
+
+def decode_datagram_from_relay_untrusted(
+    data: bytes, node_ids: NodeIdCache | None = None
+) -> DatagramFromRelay:
+    """Decode a fast-path datagram the relay sent; raises only :class:`BadFrame`.
+
+    Says nothing about who sent it: the node checks the source address.
+    """
+    src, payload = _datagram_fields(data, DATAGRAM_FROM_RELAY, "DATAGRAM_FROM_RELAY", node_ids)
+    return DatagramFromRelay(src, payload)
+
+
 # --- stream framing -------------------------------------------------------------------
 
 
@@ -503,7 +664,12 @@ class FrameDecoder(framing.FrameDecoder):
 
 
 __all__ = [
+    "DATAGRAM_FROM_RELAY",
+    "DATAGRAM_OVERHEAD",
+    "DATAGRAM_PREFIX",
+    "DATAGRAM_TO_RELAY",
     "DEFAULT_MAX_PAYLOAD",
+    "FLAG_UDP_DATAGRAMS",
     "FRAME_OVERHEAD",
     "MAX_PUBLISHED_ADDRESSES",
     "NONCE_SIZE",
@@ -512,6 +678,8 @@ __all__ = [
     "Address",
     "Auth",
     "Challenge",
+    "DatagramFromRelay",
+    "DatagramToRelay",
     "Error",
     "FrameDecoder",
     "FrameTooLarge",
@@ -529,9 +697,15 @@ __all__ = [
     "Send",
     "Welcome",
     "auth_input",
+    "datagram_from_relay_header",
+    "decode_datagram_from_relay_untrusted",
+    "decode_datagram_to_relay_untrusted",
     "decode_node_to_relay_untrusted",
     "decode_relay_to_node_untrusted",
+    "encode_datagram_from_relay",
+    "encode_datagram_to_relay",
     "encode_frame",
     "encode_message",
+    "is_relay_datagram",
     "max_frame_for",
 ]

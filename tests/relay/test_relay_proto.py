@@ -11,11 +11,18 @@ from hypothesis import strategies as st
 
 from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import BadFrame
+from p2psync.net.disco import is_disco
 from p2psync.proto.codec import pack
 from p2psync.proto.relay import (
+    DATAGRAM_FROM_RELAY,
+    DATAGRAM_OVERHEAD,
+    DATAGRAM_TO_RELAY,
+    FLAG_UDP_DATAGRAMS,
     MAX_PUBLISHED_ADDRESSES,
     Auth,
     Challenge,
+    DatagramFromRelay,
+    DatagramToRelay,
     Error,
     FrameDecoder,
     FrameTooLarge,
@@ -33,10 +40,16 @@ from p2psync.proto.relay import (
     Send,
     Welcome,
     auth_input,
+    datagram_from_relay_header,
+    decode_datagram_from_relay_untrusted,
+    decode_datagram_to_relay_untrusted,
     decode_node_to_relay_untrusted,
     decode_relay_to_node_untrusted,
+    encode_datagram_from_relay,
+    encode_datagram_to_relay,
     encode_frame,
     encode_message,
+    is_relay_datagram,
 )
 
 A = Identity.generate(os.urandom)
@@ -48,6 +61,8 @@ NODE_TO_RELAY: list[NodeToRelay] = [
     Hello(7),
     Auth(A.node_id, b"s" * 64),
     Auth(A.node_id, b"s" * 64, b"token", (("192.168.1.2", 4000), ("fe80::1", 5))),
+    Auth(A.node_id, b"s" * 64, None, (), FLAG_UDP_DATAGRAMS),
+    Auth(A.node_id, b"s" * 64, None, (), 2**32 - 1),
     Send(B.node_id, b""),
     Send(B.node_id, os.urandom(1400)),
     Lookup(0, B.node_id),
@@ -60,6 +75,8 @@ RELAY_TO_NODE: list[RelayToNode] = [
     Challenge(b"n" * 32, ("203.0.113.9", 41641)),
     Welcome(("2001:db8::1", 3478), 65536),
     Welcome(None, 1),
+    Welcome(None, 1452, 0),
+    Welcome(("203.0.113.9", 41641), 65536, FLAG_UDP_DATAGRAMS),
     Recv(A.node_id, os.urandom(1200)),
     NotHere(B.node_id),
     LookupResult(5, B.node_id, False, None, ()),
@@ -115,6 +132,8 @@ def test_error_codes_know_which_are_fatal() -> None:
             f"exceeds {MAX_PUBLISHED_ADDRESSES}",
         ),
         (pack([0, 2**16]), "HELLO version"),
+        (pack([2, A.node_id.raw, b"s" * 64, None, [], 2**32]), "AUTH flags"),
+        (pack([2, A.node_id.raw, b"s" * 64, None, [], 1, 0]), "AUTH: expected 5 to 6 fields"),
         (pack([8, -1]), "PING nonce"),
         (pack([]), "empty array"),
         (pack({"t": 1}), "expected an array"),
@@ -140,6 +159,114 @@ def test_auth_input_binds_nonce_node_and_relay() -> None:
     assert auth_input(nonce, A.node_id, B.node_id) != signed  # another relay: another input
     with pytest.raises(BadFrame):
         auth_input(nonce[:31], A.node_id, RELAY.node_id)
+
+
+def test_auth_input_with_flags_is_its_own_context_and_binds_the_flags() -> None:
+    nonce = os.urandom(32)
+    v1 = auth_input(nonce, A.node_id, RELAY.node_id)
+    flagged = auth_input(nonce, A.node_id, RELAY.node_id, FLAG_UDP_DATAGRAMS)
+    assert flagged == (
+        b"p2psync-relay auth v2\0"
+        + nonce
+        + A.node_id.raw
+        + RELAY.node_id.raw
+        + FLAG_UDP_DATAGRAMS.to_bytes(4, "big")
+    )
+    no_flags = auth_input(nonce, A.node_id, RELAY.node_id, 0)
+    assert len({v1, flagged, no_flags}) == 3  # flags 0 is still a v2 input, not v1
+    with pytest.raises(BadFrame):
+        auth_input(nonce, A.node_id, RELAY.node_id, 2**32)
+
+
+def test_welcome_without_flags_grants_nothing() -> None:
+    assert not Welcome(None, 1).grants(FLAG_UDP_DATAGRAMS)
+    assert not Welcome(None, 1, 0).grants(FLAG_UDP_DATAGRAMS)
+    assert Welcome(None, 1, FLAG_UDP_DATAGRAMS | 0x80).grants(FLAG_UDP_DATAGRAMS)
+    # An AUTH or WELCOME without the field is what older peers send and decode.
+    assert len(encode_message(Welcome(None, 1))) < len(encode_message(Welcome(None, 1, 0)))
+    assert decode_node_to_relay_untrusted(pack([2, A.node_id.raw, b"s" * 64, None, []])) == Auth(
+        A.node_id, b"s" * 64
+    )
+
+
+# --- UDP fast path datagrams ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [b"\x40", os.urandom(1414), os.urandom(65_000)])
+def test_datagrams_round_trip(payload: bytes) -> None:
+    to_relay = encode_datagram_to_relay(B.node_id, payload)
+    assert len(to_relay) == DATAGRAM_OVERHEAD + len(payload)
+    assert decode_datagram_to_relay_untrusted(to_relay) == DatagramToRelay(B.node_id, payload)
+    from_relay = encode_datagram_from_relay(A.node_id, payload)
+    assert from_relay == datagram_from_relay_header(A.node_id) + payload
+    assert decode_datagram_from_relay_untrusted(from_relay, NodeIdCache()) == DatagramFromRelay(
+        A.node_id, payload
+    )
+
+
+def test_a_datagram_of_one_direction_is_refused_in_the_other() -> None:
+    with pytest.raises(BadFrame, match="not a DATAGRAM_FROM_RELAY header"):
+        decode_datagram_from_relay_untrusted(encode_datagram_to_relay(B.node_id, b"x"))
+    with pytest.raises(BadFrame, match="not a DATAGRAM_TO_RELAY header"):
+        decode_datagram_to_relay_untrusted(encode_datagram_from_relay(A.node_id, b"x"))
+
+
+@pytest.mark.parametrize(
+    ("data", "fault"),
+    [
+        (DATAGRAM_TO_RELAY + B.node_id.raw, "too short"),  # no payload
+        (DATAGRAM_TO_RELAY, "too short"),
+        (DATAGRAM_TO_RELAY + b"\x00" * 32 + b"x", "node id"),  # not an Ed25519 point
+        (b"\x8ep2pr\x03" + B.node_id.raw + b"x", "not a DATAGRAM_TO_RELAY header"),
+    ],
+)
+def test_datagram_faults_are_named(data: bytes, fault: str) -> None:
+    with pytest.raises(BadFrame, match=fault):
+        decode_datagram_to_relay_untrusted(data)
+
+
+def test_datagrams_are_told_apart_from_quic_stun_and_disco() -> None:
+    # The demultiplexing table in p2psync/net/disco.py.
+    for header in (DATAGRAM_TO_RELAY, DATAGRAM_FROM_RELAY):
+        first = header[0]
+        assert first & 0x40 == 0  # no QUIC v1 long or short header (Fixed Bit)
+        assert first & 0xC0 == 0x80  # no STUN (top bits 00)
+        assert header[1:5] != b"\x00" * 4  # no Version Negotiation (version 0)
+        assert not is_disco(header + A.node_id.raw + b"x")
+        assert is_relay_datagram(header + A.node_id.raw + b"x")
+    assert not is_relay_datagram(b"\x8dp2pd\x01" + b"x" * 40)  # disco
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=200))
+def test_any_bytes_as_datagrams(data: bytes) -> None:
+    for decode in (decode_datagram_to_relay_untrusted, decode_datagram_from_relay_untrusted):
+        try:
+            decode(data)
+        except BadFrame:
+            pass
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=64), st.binary(min_size=1, max_size=1500))
+def test_any_bytes_behind_a_valid_header(tail: bytes, payload: bytes) -> None:
+    # A right header with arbitrary node id bytes and payload: a datagram or BadFrame.
+    for header, decode in (
+        (DATAGRAM_TO_RELAY, decode_datagram_to_relay_untrusted),
+        (DATAGRAM_FROM_RELAY, decode_datagram_from_relay_untrusted),
+    ):
+        try:
+            message = decode(header + tail + payload)
+        except BadFrame:
+            continue
+        assert len(message.payload) >= 1
+
+
+@settings(max_examples=200)
+@given(st.binary(min_size=1, max_size=2000))
+def test_datagram_round_trip_any_payload(payload: bytes) -> None:
+    decoded = decode_datagram_to_relay_untrusted(encode_datagram_to_relay(A.node_id, payload))
+    assert decoded.payload == payload and decoded.dst == A.node_id
 
 
 def test_node_id_cache_validates_once_and_is_bounded() -> None:
