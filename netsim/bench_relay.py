@@ -16,11 +16,20 @@ CPU seconds from ``/proc/PID/stat``, its RSS from ``/proc/PID/status``):
     - *relayed*: both nodes use relayd as home relay, B knows only A's
       NodeId, and both node processes run with ``EndpointConfig(hole_punching=False)``
       (as in tests/node/test_relayed_sync.py), so every datagram
-      goes through relayd; relayd runs with its **default limits** (a node
-      may send 8 MiB/s after a 16 MiB burst, relayd/defaults.py);
+      goes through relayd; relayd runs with its **default limits**
+      (relayd/defaults.py), so the nodes use the UDP fast path (one inner
+      QUIC packet per UDP datagram to and from relayd);
     - *relayed-unthrottled*: the same against a second relayd whose per-node
       token buckets are lifted (1 GiB/s, 1M frames/s): what the relay
-      itself can carry, not what its per-node policy allows.
+      itself can carry, not what its per-node policy allows;
+    - *relayed-stream*: default limits but the fast path off at relayd
+      (``fast_path = false``), so the nodes relay inside their relay
+      connections' QUIC streams with 16 KiB inner packets (how every
+      relayed byte travelled before the fast path).
+
+    ``*_fast_path_share`` is the part of relayd's relayed payload bytes
+    (``relayd_relayed_bytes_total``) that went UDP to UDP
+    (``relayd_fast_path_bytes_forwarded_total``).
 
     ``*_ratio_vs_direct`` is direct seconds / relayed seconds (target >=
     0.5). On this 2-core machine the relayed paths run three busy processes
@@ -126,7 +135,7 @@ _UNTHROTTLED_LIMITS: Final = {
 }
 # relayd's CPU is sampled this long after each ramp step (connections idle).
 _IDLE_SAMPLE_S: Final = 3.0
-_THROUGHPUT_PATHS: Final = ("direct", "relayed", "relayed-unthrottled")
+_THROUGHPUT_PATHS: Final = ("direct", "relayed", "relayed-unthrottled", "relayed-stream")
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
@@ -254,7 +263,7 @@ class _Relayd:
         *,
         port: int = 0,
         data_dir: Path | None = None,
-        limits: dict[str, int] | None = None,
+        limits: dict[str, int | bool] | None = None,
     ) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
@@ -263,7 +272,9 @@ class _Relayd:
             args += ["--data", str(data_dir)]
         if limits:
             config = workdir / f"{name}.toml"
-            config.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+            toml = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in limits.items()}
+            lines = [f"{k} = {v}\n" for k, v in toml.items()]
+            config.write_text("[limits]\n" + "".join(lines))
             args += ["--config", str(config)]
         self.command = "python -m relayd " + " ".join(args)
         argv = [sys.executable, "-c", _RUN_DYING_WITH_PARENT, str(os.getpid()), "relayd", *args]
@@ -885,8 +896,10 @@ def _transfer(
         cpu_before, metrics_before = relay_before
         metrics_after = relayd.metrics()
         key = "relayd_relayed_bytes_total"
+        fast_key = "relayd_fast_path_bytes_forwarded_total"
         run["relayd_cpu_s"] = relayd.cpu_s() - cpu_before
         run["relayed_bytes"] = metrics_after[key] - metrics_before[key]
+        run["fast_path_bytes"] = metrics_after[fast_key] - metrics_before[fast_key]
         drops = {
             name.partition('reason="')[2].rstrip('"}'): value - metrics_before.get(name, 0.0)
             for name, value in metrics_after.items()
@@ -923,11 +936,13 @@ def bench_throughput(
             "relayed-unthrottled": procs.relayd(
                 "relayd-unthrottled", deadline, limits=dict(_UNTHROTTLED_LIMITS)
             ),
+            "relayed-stream": procs.relayd("relayd-stream", deadline, limits={"fast_path": False}),
         }
         commands = {name: r.command for name, r in relayds.items() if r is not None}
         peak_rss = 0.0
         for index in range(rounds):
-            order = _THROUGHPUT_PATHS[index % 3 :] + _THROUGHPUT_PATHS[: index % 3]
+            turn = index % len(_THROUGHPUT_PATHS)
+            order = _THROUGHPUT_PATHS[turn:] + _THROUGHPUT_PATHS[:turn]
             for path in order:
                 homes = make_homes(workdir / f"round{index}-{path}")
                 run = _transfer(procs, path, relayds[path], homes, source, sha256, deadline)
@@ -963,6 +978,7 @@ def bench_throughput(
         report[f"{name}_relayed_bytes_per_blob_byte"] = round(
             run["relayed_bytes"] / (size_mib * MiB), 3
         )
+        report[f"{name}_fast_path_share"] = round(run["fast_path_bytes"] / run["relayed_bytes"], 3)
         report[f"{name}_relayd_drops"] = run["relayd_drops"]
         report[f"{name}_node_a_relay_dropped"] = run["node_a_counters"]["relay_dropped"]
     for path in _THROUGHPUT_PATHS:

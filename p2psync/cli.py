@@ -313,7 +313,8 @@ def _print_status(state: dict[str, Any]) -> None:
         )
         refused = relay.get("last_error") if not relay["connected"] else None
         why = f"  last error: {refused}" if refused else ""  # e.g. BAD_AUTH: wrong token
-        print(f"relay     {relay['relay'][:16]}… {link}{rtt}{public}{why}")
+        fast = ", UDP fast path" if relay.get("fast_path") else ""  # relayed packets as UDP
+        print(f"relay     {relay['relay'][:16]}… {link}{rtt}{public}{fast}{why}")
     nat = state.get("nat")
     if nat and nat.get("netcheck"):
         print(f"nat       {nat['nat']}: {nat['explain']}")

@@ -353,6 +353,9 @@ KNOWN_RELAYS_MAX = 64
 # connection's QUIC stream, which cost three extra QUIC stacks per datagram
 # (netsim.bench relay measures both; numbers in p2psync/net/endpoint.py).
 RELAY_FAST_PATH = True
+# Validated NodeIds the endpoint and the relay client keep (an Ed25519 point
+# check costs ~0.1 ms; relayed datagrams name their peer in every one).
+RELAY_NODE_ID_CACHE = 1024
 
 # --- relay service streams (p2psync.proto.services) ---------------------------
 # Streams besides the relay stream a node may hold open on one relay

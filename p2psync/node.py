@@ -1094,6 +1094,11 @@ class Node:
             "last_failure": relay.last_failure,
             "relayed_bytes_sent": self.endpoint.stats.relay_bytes_sent,
             "relayed_bytes_received": self.endpoint.stats.relay_bytes_received,
+            # The UDP fast path (relayed datagrams as plain UDP to the relay, not in
+            # its QUIC stream): granted on this connection, and the share it carried.
+            "fast_path": relay.using_fast_path(),
+            "fast_path_bytes_sent": self.endpoint.stats.relay_fast_bytes_sent,
+            "fast_path_bytes_received": self.endpoint.stats.relay_fast_bytes_received,
         }
 
     # --- links ------------------------------------------------------------------------
@@ -1364,7 +1369,10 @@ async def _run_relay(
     ) as relay:
         node.relay = relay
         node.endpoint.set_relay(
-            relay.try_send, relay_node_id=relay.relay_node_id, datagram_size=relay.datagram_size
+            relay.try_send,
+            relay_node_id=relay.relay_node_id,
+            datagram_size=relay.datagram_size,
+            fast_path=relay.using_fast_path,
         )
         if not started:
             task_status.started()

@@ -123,6 +123,7 @@ class RelaydLimits:
     byte_burst: int = d.BYTE_BURST
     max_frame_size: int = d.MAX_FRAME_SIZE
     queue_per_destination: int = d.QUEUE_PER_DESTINATION
+    fast_path: bool = d.FAST_PATH
     stun_per_ip_rate: float = d.STUN_PER_IP_RATE
     stun_per_ip_burst: int = d.STUN_PER_IP_BURST
     max_tracked_ips: int = d.MAX_TRACKED_IPS
@@ -308,16 +309,18 @@ _TOP_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "allow": ("allow", _want_node_ids),
     "access_token": ("access_token", check_access_token),
 }
-_LIMIT_KEYS: dict[str, Callable[[object], Any]] = {
-    f.name: _want_positive_float if f.type in ("float", float) else _want_positive_int
-    for f in dataclasses.fields(RelaydLimits)
-}
 
 
 def _want_bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"expected true or false, got {_describe(value)}")
     return value
+
+
+_LIMIT_KEYS: dict[str, Callable[[object], Any]] = {
+    f.name: {"bool": _want_bool, "float": _want_positive_float}.get(str(f.type), _want_positive_int)
+    for f in dataclasses.fields(RelaydLimits)
+}
 
 
 _INVITE_KEYS: dict[str, Callable[[object], Any]] = {

@@ -54,6 +54,12 @@ MAX_FRAME_SIZE = 64 * KiB
 # Per-destination send queue: a slow receiver costs at most 32 frames
 # (2 MiB worst case), then frames are dropped (the inner QUIC retransmits).
 QUEUE_PER_DESTINATION = 32
+# The UDP fast path (p2psync.proto.relay, relayd.routing): relayed datagrams
+# as plain UDP between a node's relay-connection address and ours, instead of
+# inside its QUIC stream; nodes ask for it, relayd grants it. On: it costs
+# relayd a fraction of the CPU per relayed byte; its trust rule (the source
+# address of the authenticated connection) is TURN's.
+FAST_PATH = True
 
 # --- STUN ------------------------------------------------------------------
 # A netcheck sends a few requests per port; 10/s sustained with a burst of 20

@@ -22,6 +22,12 @@ Per QUIC connection (wire format: :mod:`p2psync.proto.relay`)::
                node never stalls anyone else.
     close   <- ERROR, then FIN; the node hangs up, or we close with the same
                code as the QUIC application error after CLOSE_GRACE_S.
+    UDP     -> fast-path datagrams (DATAGRAM_TO_RELAY) on the same port: the
+               endpoint hands each socket read's batch to Router.receive_datagrams,
+               and what it returns goes out at once, batched (GSO) by the
+               endpoint; when a connection's newest authenticated packet comes
+               from a new address (NAT rebinding), Router.rebind follows it and
+               so do the endpoint's own QUIC sends (``follow_peer_address``).
     streams -> every further stream the node opens is a service stream
                (:mod:`p2psync.proto.services`): OPEN names a registered
                service (:mod:`relayd.services`); once the node is
@@ -98,7 +104,14 @@ from relayd.config import HostPort, RelaydConfig
 from relayd.invites import InviteStore, invites_service
 from relayd.mailbox_service import run_mailbox, wants_mailbox
 from relayd.metrics import Counter, Registry
-from relayd.routing import AccessPolicy, AuthFailure, DropReason, Router, RoutingLimits
+from relayd.routing import (
+    AccessPolicy,
+    AuthFailure,
+    DatagramDrop,
+    DropReason,
+    Router,
+    RoutingLimits,
+)
 from relayd.services import Service, ServiceCall
 from relayd.state import ConnectionCounter, LogGate
 
@@ -252,6 +265,7 @@ class QuicRelay:
         self.config = config
         self.endpoint = endpoint
         self.node_id = identity.node_id
+        self.node_ids = NodeIdCache(min(limits.max_connections * 2, 1 << 16))
         self.router: Router[_Session] = Router(
             identity.node_id,
             RoutingLimits(
@@ -261,15 +275,17 @@ class QuicRelay:
                 byte_burst=limits.byte_burst,
                 max_payload=limits.max_frame_size,
                 queue_per_destination=limits.queue_per_destination,
+                fast_path=limits.fast_path,
             ),
             os.urandom,
             policy,
+            self.node_ids,
         )
         self.max_frame = max_frame_for(limits.max_frame_size)
-        self.node_ids = NodeIdCache(min(limits.max_connections * 2, 1 << 16))
         self.counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
         self.log_gate = LogGate(limits.log_interval_s)
         self.sessions: set[_Session] = set()
+        self._by_conn: dict[Connection, _Session] = {}
         self._stun_handler: server.StunHandler | None = None
         self.services: dict[str, Service] = {}
         self._stopping = False
@@ -277,6 +293,8 @@ class QuicRelay:
         self._stopped = trio.Event()
         self._register_metrics(registry or Registry(limits.metrics_max_label_sets))
         _pass_classic_stun(endpoint, self._classic_stun)
+        endpoint.set_relay_datagram_handler(self._datagrams_received)
+        endpoint.set_peer_address_handler(self._peer_moved)
 
     def register_service(self, service: Service) -> None:
         """Offer ``service`` on service streams (see :mod:`relayd.services`)."""
@@ -320,6 +338,12 @@ class QuicRelay:
         _sync(self.m_lookups, counters.lookups - counters.lookups_found, result="not-found")
         _sync(self.m_replaced, counters.replaced)
         _sync(self.m_protocol_errors, counters.protocol_errors)
+        _sync(self.m_fast_forwarded, counters.datagrams_forwarded)
+        _sync(self.m_fast_bytes, counters.datagram_bytes_forwarded)
+        _sync(self.m_fast_to_stream, counters.datagrams_to_stream)
+        for drop, value in counters.datagram_drops.items():
+            _sync(self.m_fast_drops, value, reason=drop.value)
+        _sync(self.m_rebinds, counters.rebinds)
         stats = self.endpoint.stats
         _sync(self.m_quic_rx, stats.datagrams_received)
         _sync(self.m_quic_tx, stats.datagrams_sent)
@@ -374,11 +398,54 @@ class QuicRelay:
             "relayd_relay_log_lines_suppressed_total",
             "Relay log lines suppressed by the per-reason rate limit.",
         )
+        self.m_fast_forwarded = m.counter(
+            "relayd_fast_path_datagrams_forwarded_total",
+            "UDP fast-path datagrams relayed as UDP (also in relayd_relayed_frames_total).",
+        )
+        self.m_fast_bytes = m.counter(
+            "relayd_fast_path_bytes_forwarded_total",
+            "Payload bytes of those (also in relayd_relayed_bytes_total).",
+        )
+        self.m_fast_to_stream = m.counter(
+            "relayd_fast_path_datagrams_to_stream_total",
+            "UDP fast-path datagrams queued on a destination's stream (it has no fast path).",
+        )
+        self.m_fast_drops = m.counter(
+            "relayd_fast_path_dropped_total",
+            "UDP fast-path datagrams not relayed, by reason (never answered).",
+            ("reason",),
+        )
+        self.m_rebinds = m.counter(
+            "relayd_relay_rebinds_total",
+            "Relay connections whose UDP address changed (NAT rebinding), followed.",
+        )
+        m.gauge(
+            "relayd_fast_path_nodes", "Nodes on the UDP fast path (owning their address)."
+        ).set_function(lambda: float(self.router.fast_path_nodes))
         for reason in DropReason:
             self.m_drops.inc(0, reason=reason.value)
+        for drop in DatagramDrop:
+            self.m_fast_drops.inc(0, reason=drop.value)
         for failure in AuthFailure:
             self.m_auths.inc(0, result=failure.value)
         self.m_auths.inc(0, result="ok")
+
+    def _datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
+        """One socket read's fast-path datagrams: route them, send what the router says."""
+        out, woken = self.router.receive_datagrams(batch, trio.current_time())
+        if out:
+            with contextlib.suppress(ResourceClosed):
+                self.endpoint.send_datagrams(out)
+        self._wake(woken)
+
+    def _peer_moved(self, conn: Connection, address: Address) -> None:
+        """A node's newest authenticated packet came from ``address`` (a NAT rebinding)."""
+        session = self._by_conn.get(conn)
+        if session is None:
+            return
+        session.log.debug("relay node moved to %s", address)
+        session.observed = address
+        self.router.rebind(session, address, trio.current_time())
 
     def _classic_stun(self, data: bytes, source: Address) -> None:
         if self._stun_handler is not None:
@@ -446,8 +513,11 @@ class QuicRelay:
                 self._count_close(RelayErrorCode.TIMEOUT)
                 await conn.aclose(RelayErrorCode.TIMEOUT, "no relay stream in time")
                 return
+            # The address may have moved while the stream was on its way.
+            session.observed = observed = _observed_address(self.endpoint, conn) or observed
             self.router.open(session, observed, trio.current_time())
             self.sessions.add(session)
+            self._by_conn[conn] = session
             if self._stopping:  # stop() ran while this one was handshaking
                 self._wake(self.router.fail(session, RelayErrorCode.SHUTTING_DOWN, "shutting down"))
             async with trio.open_nursery() as nursery:
@@ -461,6 +531,7 @@ class QuicRelay:
             if session is not None:
                 self.router.close(session, trio.current_time())
                 self.sessions.discard(session)
+                self._by_conn.pop(conn, None)
                 if self._stopping and not self.sessions:
                     self._all_gone.set()
             self.counter.remove(ip)
@@ -706,11 +777,15 @@ def _sync(counter: Counter, value: float, **labels: str) -> None:
 def _observed_address(endpoint: Endpoint, conn: Connection) -> Address | None:
     """The node's public UDP address as this relay sees it.
 
-    The dialer's disco PING maps its source address to its NodeId before
-    the QUIC Initial, so QUIC only knows a virtual address; the path table
-    knows the real one. Without that mapping the connection keeps the real
-    address. (The endpoint has no public accessor for either yet.)
+    The source of its newest authenticated packet
+    (:attr:`~p2psync.net.endpoint.Connection.source_address`). Before any
+    (never, in practice, for an accepted connection): the path table's
+    address for its NodeId (the dialer's disco PING maps it before the QUIC
+    Initial, so QUIC only knows a virtual address), else the real address
+    QUIC was given.
     """
+    if conn.source_address is not None:
+        return conn.source_address
     node_id = conn.their_node_id
     if node_id is not None:
         return endpoint.paths.send_address(node_id, trio.current_time())
@@ -759,6 +834,7 @@ async def _open_relay_endpoint(config: RelaydConfig, identity: Identity) -> Asyn
         max_connections=limits.max_connections + HANDSHAKE_SLACK,
         accept_backlog=ACCEPT_BACKLOG,
         max_incoming_streams=MAX_STREAMS_PER_CONNECTION,
+        follow_peer_address=True,  # a node's NAT may rebind; its connection follows
     )
     async with contextlib.AsyncExitStack() as stack:
         try:

@@ -8,6 +8,10 @@ plain method calls, each with ``now`` (seconds, any monotonic origin):
 
 - :meth:`Router.open` — a connection's relay stream appeared;
 - :meth:`Router.receive` — a decoded :data:`~p2psync.proto.relay.NodeToRelay` arrived;
+- :meth:`Router.receive_datagrams` — UDP fast-path datagrams arrived, each
+  with its source address (one call per socket read);
+- :meth:`Router.rebind` — a connection's newest authenticated QUIC packet
+  came from a new address (a NAT rebinding);
 - :meth:`Router.fail` — the shell gave up on a connection (bad frame,
   timeout): tell it why and close it;
 - :meth:`Router.close` — the connection is gone;
@@ -15,7 +19,9 @@ plain method calls, each with ``now`` (seconds, any monotonic origin):
 
 Outputs are per-handle **send queues** the shell drains with
 :meth:`Router.take`; every input returns the handles whose queue grew, so
-the shell wakes exactly their writer tasks. ``take`` returns the messages
+the shell wakes exactly their writer tasks. :meth:`Router.receive_datagrams`
+also returns the UDP datagrams to send, ``(bytes, address)`` each, in
+arrival order (the shell sends them in one batch, GSO where it can). ``take`` returns the messages
 to write and, when the connection must end after them, the
 :class:`~p2psync.proto.relay.RelayErrorCode` to close it with. Nothing
 here reads a clock, draws entropy (``random_bytes`` is injected) or does
@@ -49,6 +55,51 @@ Rules it keeps
   silence.
 - Every drop is counted by reason (:class:`DropReason`) in
   :class:`RoutingCounters`, which the shell exports as metrics.
+
+UDP fast path (``FLAG_UDP_DATAGRAMS``, wire format in :mod:`p2psync.proto.relay`)
+-------------------------------------------------------------------------------
+Relaying a datagram over the relay stream costs three extra QUIC stacks
+(the sender's relay connection, relayd's receive and send, the receiver's
+relay connection), two congestion controllers in series and head-of-line
+blocking of QUIC-in-a-QUIC-stream. The fast path carries the same payload
+as one UDP datagram each way, TURN ChannelData style, while the QUIC relay
+connection stays the control plane (login, lookups, pings, refusals) and
+the fallback for what does not fit a datagram::
+
+    node A --UDP DATAGRAM_TO_RELAY(dst=B, p)--> relayd --UDP DATAGRAM_FROM_RELAY(src=A, p)--> B
+                                                       (B without the flag: RECV(A, p) on
+                                                        its stream; B absent: NOT_HERE to A)
+
+Rules:
+
+- **Source address is the credential** (like a TURN permission, RFC 8656
+  §9). A connection that asked for the flag in its signed AUTH and was
+  granted it in WELCOME *owns* its current UDP address (the source of its
+  newest authenticated QUIC packet: the shell reports changes with
+  :meth:`Router.rebind`, so the map follows a NAT rebinding). A datagram is
+  accepted only from an address some connection owns, and only as that
+  connection's NodeId; anything else is dropped and counted
+  (``unknown-source``), never answered: no amplification, no oracle.
+  When two connections come from one address (a NAT that handed a dead
+  mapping's port to a new host), the newest claim wins.
+- It is charged to the owner's token buckets exactly like a SEND; a
+  refused one is dropped (with the usual RATE_LIMITED notice on the stream,
+  at most once per ``notice_interval``).
+- It goes out by UDP only to a destination that has the flag and owns its
+  address, 1:1 (one datagram out per datagram in, never larger than it,
+  only to an authenticated node's address); else it is queued as a RECV on
+  the destination's stream (drop-oldest, as any RECV); a destination with
+  no connection here gets the sender a NOT_HERE, at most once per
+  destination per ``notice_interval``.
+
+What a spoofer can do: an off-path attacker who forges a node's source
+address can make the relay forward its bytes, as that node, to a node the
+victim could reach anyway. The destination's end-to-end QUIC (AEAD per
+packet, RFC 9001 §5) or disco (``crypto_box``) drops them; the forged
+datagrams do spend the victim's rate budget (the same as the victim
+sending them), which an attacker could use to slow the victim's relayed
+traffic. Output is never larger than input and only goes to addresses of
+authenticated nodes, so the relay is no amplifier.
 """
 
 from __future__ import annotations
@@ -56,13 +107,14 @@ from __future__ import annotations
 import enum
 import hmac
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
 from p2psync.crypto.identity import NodeId
-from p2psync.errors import IntegrityError, LocalProtocolError
+from p2psync.errors import BadFrame, IntegrityError, LocalProtocolError
 from p2psync.proto.relay import (
+    FLAG_UDP_DATAGRAMS,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     Address,
@@ -72,6 +124,7 @@ from p2psync.proto.relay import (
     Hello,
     Lookup,
     LookupResult,
+    NodeIdCache,
     NodeToRelay,
     NotHere,
     Ping,
@@ -82,12 +135,15 @@ from p2psync.proto.relay import (
     Send,
     Welcome,
     auth_input,
+    datagram_from_relay_header,
+    decode_datagram_to_relay_untrusted,
 )
 from relayd.state import TokenBucket
 
 __all__ = [
     "AccessPolicy",
     "AuthFailure",
+    "DatagramDrop",
     "DropReason",
     "Router",
     "RoutingCounters",
@@ -114,6 +170,16 @@ class DropReason(enum.Enum):
     CONTROL_QUEUE_FULL = "control-queue-full"
     DISCONNECTED = "disconnected"  # queued for a connection that ended first
     WRITE_TIMEOUT = "write-timeout"
+
+
+class DatagramDrop(enum.Enum):
+    """Why a UDP fast-path datagram was not relayed (the metric label)."""
+
+    UNKNOWN_SOURCE = "unknown-source"  # no fast-path connection owns its source address
+    MALFORMED = "malformed"
+    RATE_LIMITED = "rate-limited"
+    TOO_LARGE = "too-large"
+    NOT_HERE = "not-here"
 
 
 class AuthFailure(enum.Enum):
@@ -143,6 +209,8 @@ class RoutingLimits:
     queue_per_destination: int
     control_queue: int = CONTROL_QUEUE
     notice_interval: float = NOTICE_INTERVAL_S
+    # Grant FLAG_UDP_DATAGRAMS (the UDP fast path) to nodes that ask for it.
+    fast_path: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +236,16 @@ class RoutingCounters:
     lookups_found: int = 0
     replaced: int = 0
     protocol_errors: int = 0
+    # UDP fast path: relayed UDP in -> UDP out (also in frames/bytes_relayed) ...
+    datagrams_forwarded: int = 0
+    datagram_bytes_forwarded: int = 0
+    # ... UDP in -> RECV on the destination's stream (counted again when taken) ...
+    datagrams_to_stream: int = 0
+    # ... and not relayed, by reason.
+    datagram_drops: dict[DatagramDrop, int] = field(
+        default_factory=lambda: dict.fromkeys(DatagramDrop, 0)
+    )
+    rebinds: int = 0  # a connection's UDP address changed (NAT rebinding)
 
 
 @dataclass(slots=True)
@@ -176,6 +254,7 @@ class _Conn(Generic[H]):
     observed: Address | None
     state: _State = _State.NEW
     nonce: bytes = b""
+    udp_header: bytes = b""  # DATAGRAM_FROM_RELAY | its NodeId: prefix of what it sends by UDP
     node_id: NodeId | None = None
     published: tuple[Address, ...] = ()
     frames: TokenBucket | None = None
@@ -184,6 +263,8 @@ class _Conn(Generic[H]):
     control: deque[RelayToNode] = field(default_factory=deque)
     close_code: RelayErrorCode | None = None
     last_notice: dict[RelayErrorCode, float] = field(default_factory=dict)
+    fast_path: bool = False  # granted FLAG_UDP_DATAGRAMS
+    not_here_at: dict[NodeId, float] = field(default_factory=dict)  # fast-path NOT_HEREs
 
 
 class Router(Generic[H]):
@@ -195,14 +276,18 @@ class Router(Generic[H]):
         limits: RoutingLimits,
         random_bytes: Callable[[int], bytes],
         policy: AccessPolicy | None = None,
+        node_ids: NodeIdCache | None = None,
     ) -> None:
         self.relay_node_id = relay_node_id
         self.limits = limits
         self.policy = policy or AccessPolicy()
         self.counters = RoutingCounters()
         self._random_bytes = random_bytes
+        self._node_ids = node_ids if node_ids is not None else NodeIdCache()
         self._conns: dict[H, _Conn[H]] = {}
         self._nodes: dict[NodeId, _Conn[H]] = {}
+        # UDP address -> the fast-path connection that owns it (see the module docstring).
+        self._by_address: dict[Address, _Conn[H]] = {}
 
     # --- queries ----------------------------------------------------------------
 
@@ -226,6 +311,18 @@ class Router(Generic[H]):
     def handle_of(self, node_id: NodeId) -> H | None:
         conn = self._nodes.get(node_id)
         return None if conn is None else conn.handle
+
+    @property
+    def fast_path_nodes(self) -> int:
+        """Connections on the UDP fast path now (each owning its address)."""
+        return len(self._by_address)
+
+    def fast_path_address(self, handle: H) -> Address | None:
+        """The UDP address ``handle`` owns for the fast path (None: not on it)."""
+        conn = self._conns.get(handle)
+        if conn is None or conn.observed is None:
+            return None
+        return conn.observed if self._by_address.get(conn.observed) is conn else None
 
     def closing(self, handle: H) -> bool:
         """True once ``handle`` is CLOSING (its ERROR is queued or written)."""
@@ -298,6 +395,84 @@ class Router(Generic[H]):
             conn, RelayErrorCode.NOT_AUTHENTICATED, "authenticate (HELLO, AUTH) before relaying"
         )
 
+    def receive_datagrams(
+        self, batch: Iterable[tuple[bytes, Address]], now: float
+    ) -> tuple[list[tuple[bytes, Address]], list[H]]:
+        """Route UDP fast-path datagrams ``(data, source)``; see the module docstring.
+
+        Returns the datagrams to send, ``(data, address)`` in arrival order,
+        and the handles whose queue grew.
+        """
+        by_address = self._by_address
+        counters = self.counters
+        drops = counters.datagram_drops
+        max_payload = self.limits.max_payload
+        queue_limit = self.limits.queue_per_destination
+        out: list[tuple[bytes, Address]] = []
+        woken: dict[H, None] = {}
+        for data, source in batch:
+            conn = by_address.get(source)
+            if conn is None:
+                drops[DatagramDrop.UNKNOWN_SOURCE] += 1
+                continue
+            try:
+                message = decode_datagram_to_relay_untrusted(data, self._node_ids)
+            except BadFrame:
+                drops[DatagramDrop.MALFORMED] += 1
+                continue
+            payload = message.payload
+            size = len(payload)
+            if not self._admit(conn, size, now):
+                drops[DatagramDrop.RATE_LIMITED] += 1
+                woken.update(
+                    dict.fromkeys(
+                        self._notice(
+                            conn, RelayErrorCode.RATE_LIMITED, "over the rate limit; dropped", now
+                        )
+                    )
+                )
+                continue
+            if size > max_payload:
+                drops[DatagramDrop.TOO_LARGE] += 1
+                continue
+            target = self._nodes.get(message.dst)
+            if target is None or target.state is not _State.AUTHENTICATED:
+                drops[DatagramDrop.NOT_HERE] += 1
+                woken.update(dict.fromkeys(self._not_here_datagram(conn, message.dst, now)))
+                continue
+            address = target.observed
+            if target.fast_path and address is not None and by_address.get(address) is target:
+                out.append((conn.udp_header + payload, address))
+                counters.datagrams_forwarded += 1
+                counters.datagram_bytes_forwarded += size
+                counters.frames_relayed += 1
+                counters.bytes_relayed += size
+                continue
+            assert conn.node_id is not None  # owning an address implies AUTHENTICATED
+            queue = target.data
+            if len(queue) >= queue_limit:
+                queue.popleft()
+                counters.drops[DropReason.QUEUE_FULL] += 1
+            queue.append(Recv(conn.node_id, payload))
+            counters.datagrams_to_stream += 1
+            woken[target.handle] = None
+        return out, list(woken)
+
+    def rebind(self, handle: H, address: Address, now: float) -> None:
+        """``handle``'s newest authenticated packet came from ``address``: follow it.
+
+        The observed address (LOOKUP answers) moves, and so does the fast
+        path's: datagrams are accepted from, and sent to, the new address only.
+        """
+        conn = self._conns.get(handle)
+        if conn is None or conn.observed == address or conn.state is _State.CLOSING:
+            return
+        self._release_address(conn)
+        conn.observed = address
+        self.counters.rebinds += 1
+        if conn.fast_path:
+            self._claim_address(conn)
+
     def fail(self, handle: H, code: RelayErrorCode, message: str) -> list[H]:
         """The shell ends ``handle`` (bad frame, timeout): queue ERROR, then close."""
         conn = self._conns.get(handle)
@@ -320,6 +495,7 @@ class Router(Generic[H]):
             return
         if conn.node_id is not None and self._nodes.get(conn.node_id) is conn:
             del self._nodes[conn.node_id]
+        self._release_address(conn)
         self._discard(conn, DropReason.DISCONNECTED)
 
     def shutdown(self) -> list[H]:
@@ -369,7 +545,10 @@ class Router(Generic[H]):
         policy = self.policy
         node_id = message.node_id
         try:
-            node_id.verify(auth_input(conn.nonce, node_id, self.relay_node_id), message.signature)
+            node_id.verify(
+                auth_input(conn.nonce, node_id, self.relay_node_id, message.flags),
+                message.signature,
+            )
         except IntegrityError:
             self.counters.auths_failed[AuthFailure.BAD_SIGNATURE] += 1
             return self._end(
@@ -399,7 +578,20 @@ class Router(Generic[H]):
         conn.frames = TokenBucket(limits.frames_per_second, limits.frame_burst, now)
         conn.bytes = TokenBucket(limits.bytes_per_second, limits.byte_burst, now)
         self._nodes[node_id] = conn
-        return woken + self._control(conn, Welcome(conn.observed, limits.max_payload))
+        granted: int | None = None  # an AUTH without flags gets a WELCOME without
+        if message.flags is not None:
+            granted = 0
+            if (
+                message.flags & FLAG_UDP_DATAGRAMS
+                and limits.fast_path
+                and conn.observed is not None
+            ):
+                granted |= FLAG_UDP_DATAGRAMS
+                conn.fast_path = True
+                conn.udp_header = datagram_from_relay_header(node_id)
+                self._claim_address(conn)
+        welcome = Welcome(conn.observed, limits.max_payload, granted)
+        return woken + self._control(conn, welcome)
 
     def _send(self, conn: _Conn[H], message: Send, now: float) -> list[H]:
         size = len(message.payload)
@@ -461,6 +653,26 @@ class Router(Generic[H]):
         conn.last_notice[code] = now
         return self._control(conn, Error(code, text))
 
+    def _not_here_datagram(self, conn: _Conn[H], dst: NodeId, now: float) -> list[H]:
+        """NOT_HERE for a fast-path datagram: at most one per destination per interval."""
+        sent = conn.not_here_at
+        last = sent.get(dst)
+        if last is not None and now - last < self.limits.notice_interval:
+            return []
+        if len(sent) >= self.limits.control_queue:
+            sent.clear()  # bounded: forgetting only allows one more NOT_HERE each
+        sent[dst] = now
+        return self._control(conn, NotHere(dst))
+
+    def _claim_address(self, conn: _Conn[H]) -> None:
+        """``conn`` owns its observed address for the fast path (the newest claim wins)."""
+        if conn.observed is not None:
+            self._by_address[conn.observed] = conn
+
+    def _release_address(self, conn: _Conn[H]) -> None:
+        if conn.observed is not None and self._by_address.get(conn.observed) is conn:
+            del self._by_address[conn.observed]
+
     def _control(self, conn: _Conn[H], message: RelayToNode) -> list[H]:
         queue = conn.control
         if len(queue) >= self.limits.control_queue:
@@ -477,6 +689,7 @@ class Router(Generic[H]):
         """Unregister ``conn`` now, keep only an ERROR queued, close after it."""
         if conn.node_id is not None and self._nodes.get(conn.node_id) is conn:
             del self._nodes[conn.node_id]
+        self._release_address(conn)
         self._discard(conn, DropReason.DISCONNECTED)
         conn.state = _State.CLOSING
         conn.close_code = code

@@ -24,12 +24,27 @@ While connected, the client
 - answers :meth:`RelayClient.lookup` with what the relay knows of a NodeId;
 - PINGs every ``ping_interval`` (keeps NAT mappings and the relay's idle
   timer fresh, measures :attr:`RelayClient.rtt`); no PONG within
-  ``ping_timeout`` means the connection is dead and is replaced.
+  ``ping_timeout`` means the connection is dead and is replaced;
+- asks for the **UDP fast path** (``FLAG_UDP_DATAGRAMS`` in its signed AUTH,
+  unless ``config.fast_path`` is off) and says when WELCOME granted it
+  (:meth:`RelayClient.using_fast_path`, the ``fast_path`` hook of
+  :meth:`~p2psync.net.endpoint.Endpoint.set_relay`): the endpoint then
+  sends relayed datagrams that fit one UDP datagram as DATAGRAM_TO_RELAY
+  from its own socket to the relay's address, batched with its other
+  output; what does not fit still goes through :meth:`RelayClient.try_send`.
+  The endpoint takes DATAGRAM_FROM_RELAY from the relay's address only
+  (that of its QUIC connection to the relay's NodeId). The relay connection's
+  pings keep the NAT mapping those datagrams use (the same socket) open.
+  A relay that refuses the flagged AUTH as malformed (older than the flag)
+  is logged into without flags from the next attempt on.
 
 Wire: :mod:`p2psync.proto.relay` on one bidirectional stream the client opens::
 
-    -> HELLO  <- CHALLENGE  -> AUTH  <- WELCOME        (bounded by handshake_timeout)
+    -> HELLO  <- CHALLENGE  -> AUTH(flags)  <- WELCOME(flags)  (bounded by handshake_timeout)
     -> SEND / LOOKUP / PING     <- RECV / NOT_HERE / LOOKUP_RESULT / PONG / ERROR
+
+    and, granted the fast path, UDP datagrams from the endpoint's socket:
+    -> DATAGRAM_TO_RELAY(dst, payload)   <- DATAGRAM_FROM_RELAY(src, payload)
 
 Dialing needs the relay's NodeId: :meth:`p2psync.net.endpoint.Endpoint.connect`
 pins the certificate key of the peer it dials. A relay is configured as
@@ -57,12 +72,14 @@ import trio
 
 from p2psync import errors
 from p2psync.crypto.identity import Identity, NodeId
+from p2psync.defaults import RELAY_FAST_PATH, RELAY_NODE_ID_CACHE
 from p2psync.errors import BadFrame, LocalProtocolError
 from p2psync.net.endpoint import Connection, Endpoint, ResourceClosed, Stream
 from p2psync.net.interfaces import parse_host_port
 from p2psync.net.service_stream import FramedStream, open_service
 from p2psync.proto.relay import (
     DEFAULT_MAX_PAYLOAD,
+    FLAG_UDP_DATAGRAMS,
     RELAY_ALPN,
     Address,
     Auth,
@@ -145,8 +162,10 @@ class RelayClientConfig:
     # limit allows): a relayed QUIC packet rides inside the relay stream, whose
     # own packets are path-sized, so no path MTU applies; per-packet costs
     # dominate in Python, and 16 KiB packets cut them ~11x against 1452-byte
-    # ones (see RelayClient.datagram_size).
+    # ones (see RelayClient.datagram_size). Used only without the UDP fast path.
     datagram_size: int = 16 * 1024
+    # Ask the relay for the UDP fast path (p2psync.proto.relay); see RELAY_FAST_PATH.
+    fast_path: bool = RELAY_FAST_PATH
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -186,6 +205,7 @@ class RelayClientStats:
     rate_limited: int = 0  # RATE_LIMITED notices from the relay
     too_large: int = 0  # FRAME_TOO_LARGE notices from the relay
     connects: int = 0  # successful WELCOMEs
+    fast_path_connects: int = 0  # ... of which granted the UDP fast path
     failures: int = 0  # connection attempts or sessions that ended in an error
     errors: dict[int, int] = field(default_factory=dict)  # ERROR codes received
 
@@ -241,11 +261,12 @@ class RelayClient:
         self.our_public_address: Address | None = None
         self.rtt: float | None = None
         self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.fast_path = False  # the relay granted the UDP fast path on this connection
         self.last_error: Error | None = None
         self.last_failure: str | None = None  # why the last session ended (or never began)
         self._rng = rng
         self._deliver = deliver
-        self._node_ids = NodeIdCache(1024)
+        self._node_ids = NodeIdCache(RELAY_NODE_ID_CACHE)
         self._rx_send, self.received = trio.open_memory_channel[tuple[NodeId, bytes]](
             config.receive_queue
         )
@@ -259,6 +280,7 @@ class RelayClient:
         self._pong_lot = trio.lowlevel.ParkingLot()
         self._session_id = 0
         self._conn: Connection | None = None
+        self._auth_flags = True  # False once the relay refused an AUTH with flags
 
     @property
     def spec(self) -> str:
@@ -283,6 +305,10 @@ class RelayClient:
     def datagram_size(self) -> int:
         """The largest payload to send now: ``config.datagram_size`` within the relay's limit."""
         return min(self.config.datagram_size, self.max_payload)
+
+    def using_fast_path(self) -> bool:
+        """True while connected with the UDP fast path granted (the endpoint's hook)."""
+        return self.fast_path and self.state is RelayState.CONNECTED
 
     # --- sending ------------------------------------------------------------------------
 
@@ -387,6 +413,9 @@ class RelayClient:
             self.max_payload = min(welcome.max_payload, MAX_ACCEPTED_PAYLOAD)
             decoder.max_frame = max_frame_for(self.max_payload)
             self.our_public_address = welcome.observed
+            self.fast_path = self.config.fast_path and welcome.grants(FLAG_UDP_DATAGRAMS)
+            if self.fast_path:
+                self.stats.fast_path_connects += 1
             self._drain_stale_sends()
             self._session_id += 1
             self._conn = conn
@@ -395,9 +424,10 @@ class RelayClient:
             self._connected_event.set()
             self._connected_event = trio.Event()
             logger.debug(
-                "relay %s connected; public address %s",
+                "relay %s connected; public address %s; UDP fast path %s",
                 self.relay_node_id.short(),
                 welcome.observed,
+                "on" if self.fast_path else "off",
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, stream)
@@ -406,6 +436,7 @@ class RelayClient:
                 nursery.cancel_scope.cancel()
         finally:
             self._conn = None
+            self.fast_path = False
             if self.state is RelayState.CONNECTED:
                 self.state = RelayState.CONNECTING
             self._session_id += 1
@@ -424,10 +455,29 @@ class RelayClient:
             )
         self.rtt = trio.current_time() - started
         our_id = self.identity.node_id
-        signature = self.identity.sign(auth_input(challenge.nonce, our_id, self.relay_node_id))
-        auth = Auth(our_id, signature, self.config.access_token, self.published_addresses)
+        # The capability flags are signed with the rest (proto/relay.py); none at all
+        # when we want none, or for a relay that refused them before (it predates them).
+        flags = FLAG_UDP_DATAGRAMS if self.config.fast_path and self._auth_flags else None
+        signed = auth_input(challenge.nonce, our_id, self.relay_node_id, flags)
+        auth = Auth(
+            our_id,
+            self.identity.sign(signed),
+            self.config.access_token,
+            self.published_addresses,
+            flags,
+        )
         await stream.send_all(encode_frame(auth))
-        welcome = await self._read_one(stream, decoder)
+        try:
+            welcome = await self._read_one(stream, decoder)
+        except RelayRefused as exc:
+            if flags is not None and exc.code == RelayErrorCode.PROTOCOL_ERROR:
+                logger.info(
+                    "relay %s refused AUTH with flags (an older relay?); "
+                    "next login without them (no UDP fast path)",
+                    self.relay_node_id.short(),
+                )
+                self._auth_flags = False
+            raise
         if not isinstance(welcome, Welcome):
             raise errors.RemoteProtocolError(f"relay sent {type(welcome).__name__}, not WELCOME")
         return welcome

@@ -40,6 +40,20 @@ async def running_relay() -> AsyncIterator[RelaydAddresses]:
         nursery.cancel_scope.cancel()
 
 
+async def relay_metrics(relay: RelaydAddresses) -> dict[str, float]:
+    """relayd's /metrics samples, by series name with labels."""
+    stream = await trio.open_tcp_stream(relay.http.host, relay.http.port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        data = bytearray()
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    body = bytes(data).partition(b"\r\n\r\n")[2].decode()
+    samples = (line.rsplit(" ", 1) for line in body.splitlines())
+    return {name: float(value) for name, value in samples if not name.startswith("#")}
+
+
 def block_direct_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """No path table ever learns a direct address (no hole punching): only the relay remains."""
     from p2psync.net import endpoint
@@ -79,6 +93,14 @@ async def test_sync_through_relayd_only(
                     assert status["relay"]["connected"] is True
                     assert status["relay"]["relayed_bytes_received"] > len(big)
                     assert a.endpoint.stats.datagrams_sent > 0
+                    # The UDP fast path carried the blob, not the relay stream.
+                    assert status["relay"]["fast_path"] is True
+                    assert status["relay"]["fast_path_bytes_received"] > len(big)
+                    samples = await relay_metrics(relay)
+                    forwarded = samples["relayd_fast_path_bytes_forwarded_total"]
+                    assert forwarded > len(big)
+                    assert forwarded >= 0.95 * samples["relayd_relayed_bytes_total"]
+                    assert samples["relayd_fast_path_nodes"] == 2
 
 
 # --- the relay's access token: config key, daemon flag, status ----------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import pytest
 from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import LocalProtocolError
 from p2psync.proto.relay import (
+    FLAG_UDP_DATAGRAMS,
     Auth,
     Challenge,
     Error,
@@ -26,10 +28,13 @@ from p2psync.proto.relay import (
     Send,
     Welcome,
     auth_input,
+    encode_datagram_from_relay,
+    encode_datagram_to_relay,
 )
 from relayd.routing import (
     AccessPolicy,
     AuthFailure,
+    DatagramDrop,
     DropReason,
     Router,
     RoutingLimits,
@@ -90,7 +95,13 @@ class Harness:
         return out
 
     def connect(
-        self, node: Node, *, token: bytes | None = None, bad_signature: bool = False
+        self,
+        node: Node,
+        *,
+        token: bytes | None = None,
+        bad_signature: bool = False,
+        flags: int | None = None,
+        signed_flags: int | str | None = "same",
     ) -> list[RelayToNode]:
         router = self.router
         router.open(node.handle, node.observed, self.now)
@@ -98,13 +109,15 @@ class Harness:
         (challenge,) = self.drain(node)
         assert isinstance(challenge, Challenge)
         assert challenge.observed == node.observed
-        signed = auth_input(challenge.nonce, node.node_id, RELAY.node_id)
+        signed_with = flags if signed_flags == "same" else signed_flags
+        assert not isinstance(signed_with, str)
+        signed = auth_input(challenge.nonce, node.node_id, RELAY.node_id, signed_with)
         signature = node.identity.sign(signed)
         if bad_signature:
             signature = bytes([signature[0] ^ 1]) + signature[1:]
         router.receive(
             node.handle,
-            Auth(node.node_id, signature, token, (("192.168.1.5", 4000),)),
+            Auth(node.node_id, signature, token, (("192.168.1.5", 4000),), flags),
             self.now,
         )
         return self.drain(node)
@@ -459,3 +472,221 @@ def test_handles_are_checked() -> None:
         h.router.receive("nobody", Hello(), 0.0)
     assert h.router.take("nobody") == ([], None)
     h.router.close("nobody", 0.0)  # closing twice or unknown is harmless
+
+
+# --- the UDP fast path ------------------------------------------------------------------------
+
+_ADDRESSES = itertools.count(1)
+
+
+def fast_node(handle: str) -> Node:
+    """A node with an address of its own (the fast path keys on it)."""
+    return Node(Identity.generate(os.urandom), handle, ("198.51.100.1", 40000 + next(_ADDRESSES)))
+
+
+class FastHarness(Harness):
+    def connect_fast(self, node: Node) -> Welcome:
+        (welcome,) = self.connect(node, flags=FLAG_UDP_DATAGRAMS)
+        assert isinstance(welcome, Welcome)
+        return welcome
+
+    def datagram(
+        self, src: Node, dst: Node, payload: bytes = b"p", source: tuple[str, int] | None = None
+    ) -> tuple[list[tuple[bytes, tuple[str, int]]], list[str]]:
+        data = encode_datagram_to_relay(dst.node_id, payload)
+        return self.router.receive_datagrams([(data, source or src.observed)], self.now)
+
+
+def test_fast_path_is_granted_to_nodes_that_ask_and_forwards_udp_to_udp() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    welcome = h.connect_fast(a)
+    assert welcome == Welcome(a.observed, LIMITS.max_payload, FLAG_UDP_DATAGRAMS)
+    h.connect_fast(b)
+    assert h.router.fast_path_nodes == 2
+    assert h.router.fast_path_address("b") == b.observed
+    out, woken = h.datagram(a, b, b"quic packet")
+    # One datagram out per datagram in, to b's address, naming a as the source.
+    assert out == [(encode_datagram_from_relay(a.node_id, b"quic packet"), b.observed)]
+    assert woken == []  # nothing went through a stream
+    assert h.drain(b) == []
+    counters = h.router.counters
+    assert (counters.datagrams_forwarded, counters.datagram_bytes_forwarded) == (1, 11)
+    assert (counters.frames_relayed, counters.bytes_relayed) == (1, 11)
+
+
+def test_no_flags_no_fast_path_and_a_welcome_older_nodes_can_read() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    (welcome,) = h.connect(a)
+    assert welcome == Welcome(a.observed, LIMITS.max_payload)  # flags absent, not 0
+    (welcome,) = h.connect(b, flags=0)
+    assert welcome == Welcome(b.observed, LIMITS.max_payload, 0)
+    assert h.router.fast_path_nodes == 0
+    out, woken = h.datagram(a, b)
+    assert (out, woken) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.UNKNOWN_SOURCE] == 1
+
+
+def test_a_relay_without_the_fast_path_grants_nothing() -> None:
+    h = FastHarness(dataclasses.replace(LIMITS, fast_path=False))
+    a = fast_node("a")
+    assert h.connect_fast(a).flags == 0
+    assert h.router.fast_path_address("a") is None
+
+
+def test_the_flags_are_signed() -> None:
+    h = FastHarness()
+    a = fast_node("a")
+    # AUTH asking for the fast path, signed as if it had no flags (v1 input): refused.
+    (error,) = h.connect(a, flags=FLAG_UDP_DATAGRAMS, signed_flags=None)
+    assert isinstance(error, Error) and error.code == RelayErrorCode.BAD_AUTH
+    assert h.router.fast_path_nodes == 0
+
+
+def test_unknown_sources_are_dropped_and_never_answered() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect_fast(b)
+    stranger = ("192.0.2.66", a.observed[1])  # a's port, another IP
+    same_ip = (a.observed[0], a.observed[1] + 1000)  # a's IP, another port
+    for source in (stranger, same_ip):
+        assert h.datagram(a, b, source=source) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.UNKNOWN_SOURCE] == 2
+    assert h.drain(a) == [] and h.drain(b) == []  # no notice, no NOT_HERE: no oracle
+    # Not even a handshaking connection's address is a credential.
+    c = fast_node("c")
+    h.router.open("c", c.observed, h.now)
+    assert h.datagram(c, b) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.UNKNOWN_SOURCE] == 3
+
+
+def test_malformed_datagrams_from_a_known_source_are_counted() -> None:
+    h = FastHarness()
+    a = fast_node("a")
+    h.connect_fast(a)
+    batch = [(b"\x8ep2pr\x01" + b"\x00" * 32 + b"x", a.observed), (b"\x8ep2pr\x01", a.observed)]
+    assert h.router.receive_datagrams(batch, h.now) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.MALFORMED] == 2
+
+
+def test_a_destination_without_the_fast_path_gets_a_stream_frame() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect(b)  # an older node: stream only
+    out, woken = h.datagram(a, b, b"to the stream")
+    assert out == [] and woken == ["b"]
+    assert h.drain(b) == [Recv(a.node_id, b"to the stream")]
+    counters = h.router.counters
+    assert counters.datagrams_to_stream == 1 and counters.datagrams_forwarded == 0
+    assert counters.frames_relayed == 1  # counted once, when taken
+
+
+def test_an_absent_destination_gets_one_not_here_per_interval() -> None:
+    h = FastHarness()
+    a, ghost, other = fast_node("a"), fast_node("ghost"), fast_node("other")
+    h.connect_fast(a)
+    for _ in range(5):
+        assert h.datagram(a, ghost)[0] == []
+    h.datagram(a, other)
+    assert h.drain(a) == [NotHere(ghost.node_id), NotHere(other.node_id)]
+    assert h.router.counters.datagram_drops[DatagramDrop.NOT_HERE] == 6
+    h.now += LIMITS.notice_interval
+    h.datagram(a, ghost)
+    assert h.drain(a) == [NotHere(ghost.node_id)]
+
+
+def test_fast_path_datagrams_are_charged_to_the_sender_like_sends() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect_fast(b)
+    batch = [(encode_datagram_to_relay(b.node_id, b"x" * 100), a.observed)] * 50
+    out, woken = h.router.receive_datagrams(batch, h.now)
+    assert len(out) == LIMITS.frame_burst  # 20 at a standstill, then dropped
+    assert woken == ["a"]  # one RATE_LIMITED notice, not 30
+    (notice,) = h.drain(a)
+    assert isinstance(notice, Error) and notice.code == RelayErrorCode.RATE_LIMITED
+    assert h.router.counters.datagram_drops[DatagramDrop.RATE_LIMITED] == 30
+    # Stream SENDs share the same buckets.
+    h.send(a, b, b"via stream")
+    assert h.drain(b) == []
+    h.now += 1.0  # 10 frames/s refill
+    out, _ = h.router.receive_datagrams(batch, h.now)
+    assert len(out) == 10
+    # Bytes too: 1500-byte payloads drain the 20 kB byte burst of a fresh node.
+    c = fast_node("c")
+    h.connect_fast(c)
+    big = [(encode_datagram_to_relay(b.node_id, b"x" * 1500), c.observed)] * 15
+    out, _ = h.router.receive_datagrams(big, h.now)
+    assert len(out) == 20_000 // 1500
+
+
+def test_oversize_fast_path_payloads_are_dropped() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect_fast(b)
+    assert h.datagram(a, b, b"x" * (LIMITS.max_payload + 1)) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.TOO_LARGE] == 1
+
+
+def test_rebinding_moves_the_address_both_ways() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect_fast(b)
+    old_a, new_a = a.observed, ("198.51.100.1", 50001)
+    h.now += 5.0
+    h.router.rebind("a", new_a, h.now)
+    assert h.router.counters.rebinds == 1
+    assert h.router.fast_path_address("a") == new_a
+    assert h.datagram(a, b, source=old_a) == ([], [])  # the old mapping is no credential
+    out, _ = h.datagram(a, b, source=new_a)
+    assert [address for _, address in out] == [b.observed]
+    # b now sends to a's new address; and lookups report it.
+    out, _ = h.datagram(b, a)
+    assert [address for _, address in out] == [new_a]
+    h.router.receive("b", Lookup(1, a.node_id), h.now)
+    (result,) = h.drain(b)
+    assert isinstance(result, LookupResult) and result.observed == new_a
+    h.router.rebind("a", new_a, h.now)  # no change, no count
+    assert h.router.counters.rebinds == 1
+
+
+def test_the_newest_claim_on_an_address_wins() -> None:
+    # A NAT gave a dead connection's mapping to another host (or one socket hosts two ids).
+    h = FastHarness()
+    old, new, b = fast_node("old"), fast_node("new"), fast_node("b")
+    new.observed = old.observed
+    h.connect_fast(old)
+    h.connect_fast(b)
+    h.connect_fast(new)
+    assert h.router.fast_path_address("old") is None
+    assert h.router.fast_path_address("new") == new.observed
+    out, _ = h.datagram(new, b)
+    assert out == [(encode_datagram_from_relay(new.node_id, b"p"), b.observed)]  # as new's
+    # Nothing goes by UDP to a connection that lost its address: its stream instead.
+    out, woken = h.datagram(b, old)
+    assert out == [] and woken == ["old"]
+    # The dead one closing does not take the address from the live one.
+    h.router.close("old", h.now)
+    assert h.router.fast_path_address("new") == new.observed
+
+
+def test_closing_or_replacing_a_connection_releases_its_address() -> None:
+    h = FastHarness()
+    a, b = fast_node("a"), fast_node("b")
+    h.connect_fast(a)
+    h.connect_fast(b)
+    h.router.close("b", h.now)
+    assert h.router.fast_path_nodes == 1
+    assert h.datagram(b, a) == ([], [])
+    assert h.router.counters.datagram_drops[DatagramDrop.UNKNOWN_SOURCE] == 1
+    a2 = Node(a.identity, "a2", ("198.51.100.1", 60000))  # a reconnects from elsewhere
+    h.connect_fast(a2)
+    assert h.router.fast_path_address("a") is None
+    assert h.router.fast_path_address("a2") == a2.observed
+    assert h.datagram(a, a2, source=a.observed) == ([], [])

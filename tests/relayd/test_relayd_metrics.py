@@ -1,10 +1,17 @@
-"""relayd.metrics: Prometheus text exposition and bounded label sets."""
+"""relayd.metrics: Prometheus text exposition and bounded label sets; the relay's series."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from p2psync.crypto.identity import Identity
+from p2psync.net.endpoint import EndpointConfig, open_endpoint
+from relayd.config import HostPort, RelaydConfig
 from relayd.metrics import OVERFLOW, Registry
+from relayd.relay import QuicRelay
+from relayd.routing import DatagramDrop
 
 
 def test_render_counters_and_gauges() -> None:
@@ -64,3 +71,28 @@ def test_misuse_is_refused() -> None:
         registry.counter("t_total", "again")
     with pytest.raises(ValueError):
         registry.gauge("t_g", "G.", ("a",)).set_function(lambda: 1.0)
+
+
+async def test_the_relay_exports_its_fast_path_counters() -> None:
+    identity = Identity.generate(os.urandom)
+    config = RelaydConfig(listen=HostPort("127.0.0.1", 0), http=HostPort("127.0.0.1", 0))
+    async with open_endpoint(identity, EndpointConfig(bind_host="127.0.0.1")) as endpoint:
+        relay = QuicRelay(config, endpoint, identity)
+        text = relay.registry.render()
+        # Every drop reason is a series from the start (at 0), so rates work at once.
+        for drop in DatagramDrop:
+            assert f'relayd_fast_path_dropped_total{{reason="{drop.value}"}} 0' in text
+        counters = relay.router.counters
+        counters.datagrams_forwarded = 3
+        counters.datagram_bytes_forwarded = 4200
+        counters.datagrams_to_stream = 2
+        counters.datagram_drops[DatagramDrop.UNKNOWN_SOURCE] = 5
+        counters.rebinds = 1
+        relay.refresh_metrics()
+        text = relay.registry.render()
+        assert "relayd_fast_path_datagrams_forwarded_total 3\n" in text
+        assert "relayd_fast_path_bytes_forwarded_total 4200\n" in text
+        assert "relayd_fast_path_datagrams_to_stream_total 2\n" in text
+        assert 'relayd_fast_path_dropped_total{reason="unknown-source"} 5\n' in text
+        assert "relayd_relay_rebinds_total 1\n" in text
+        assert "relayd_fast_path_nodes 0\n" in text
