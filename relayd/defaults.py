@@ -41,13 +41,22 @@ IDLE_TIMEOUT_S = 60.0
 WRITE_TIMEOUT_S = 5.0
 
 # --- relay frames (per node, token buckets) -------------------------------
-# Behind hard NATs the relay *is* the path, so a node may relay a sync at a
-# useful speed (~8 MiB/s of 1452-byte QUIC packets); a flood beyond that is
-# throttled per node and cannot starve the others (per-node buckets).
-FRAMES_PER_SECOND = 6000
-FRAME_BURST = 12000
-BYTES_PER_SECOND = 8 * MiB
-BYTE_BURST = 16 * MiB
+# Behind hard NATs the relay *is* the path (hard<->hard pairs always relay),
+# so a node may relay a sync at about what it syncs directly; a flood beyond
+# that is throttled per node and cannot take the relay from the others.
+# 16 MiB/s (134 Mbit/s) is ~0.7 of a direct sync on the bench machine and
+# costs relayd ~0.2 core on the UDP fast path (11-12 ms CPU per relayed MB,
+# netsim.bench relay): five nodes at full speed before one core is busy. It
+# was 8 MiB/s while every relayed byte crossed relayd's QUIC stacks (~80 ms
+# per MB: 0.7 core per node); a node without the fast path still costs that
+# much per byte, so at this rate one such node can keep a core busy.
+# Frames follow bytes at the fast path's 1414-byte packets (16 MiB/s is
+# ~11.9k of them); a receiver's ACKs count against its own buckets.
+# Bursts are two seconds' worth: a sync of ~30 MiB goes at full speed.
+FRAMES_PER_SECOND = 12_000
+FRAME_BURST = 24_000
+BYTES_PER_SECOND = 16 * MiB
+BYTE_BURST = 32 * MiB
 # 64 KiB holds any QUIC datagram (<= 1500 on real paths) plus framing, and
 # bounds what one frame can make us buffer.
 MAX_FRAME_SIZE = 64 * KiB
