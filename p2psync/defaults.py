@@ -329,6 +329,11 @@ JOIN_ACK_WAIT = 5.0
 # (a planted copy and the real one are announced alike), then say "check the
 # last 8 characters" without asking the relay (that would spend a try).
 JOIN_LAN_MISMATCH_GRACE = 1.0
+# mDNS: with no record from another host within this long of starting, the
+# status says "no multicast heard" (p2psync.discovery.mdns). Another member
+# answers our first queries within a few seconds; other devices on a LAN
+# (phones, printers, laptops) speak mDNS every few seconds too.
+MDNS_SILENCE_TIMEOUT = 15.0
 # Last seen of each peer is written to the store at most this often
 # (`p2psync devices` reads it without a daemon); a restart loses at most
 # this much of it.

@@ -418,20 +418,27 @@ async def _find_by_code(
                 nursery.cancel_scope.cancel()
 
         async def look_on_lan() -> None:
-            from p2psync.discovery.mdns import MdnsConfig, MdnsUnavailable, find_invite
+            from p2psync.discovery.mdns import MdnsConfig, MdnsStats, MdnsUnavailable, find_invite
 
+            stats = MdnsStats()
             try:
-                with trio.move_on_after(LAN_FIND_TIMEOUT):
+                with trio.move_on_after(LAN_FIND_TIMEOUT) as searched:
                     invite = await find_invite(
                         MdnsConfig(),
                         code.lookup.lan_tag,
                         keys.advert_tag,
                         our_node_id=our_node_id,
+                        stats=stats,
                         mismatches=mismatches,
                         on_mismatch=mismatched.set,
                     )
                     found.append(_Target(invite.node_id, invite.addresses, None))
                     nursery.cancel_scope.cancel()
+                if searched.cancelled_caught and not stats.heard_elsewhere:
+                    lan_problem.append(
+                        f"no mDNS heard from any other device in {LAN_FIND_TIMEOUT:.0f}s: "
+                        "this network may block multicast (try --relay)"
+                    )
             except MdnsUnavailable as exc:
                 lan_problem.append(f"LAN search unavailable: {exc}")
             finally:

@@ -66,7 +66,22 @@ When no interface qualifies, or zeroconf cannot open its sockets (no
 multicast route, permission denied, port 5353 unusable), :func:`run_mdns`
 reports ``"mDNS unavailable: <why> (relay discovery only)"`` and keeps
 waiting: it retries when the interfaces change or after
-``retry_interval``. Status lines go to ``on_status`` (and the log) only when
+``retry_interval``.
+
+Open sockets do not mean multicast flows: a host firewall that drops
+UDP 5353, or a Wi-Fi access point that filters multicast between clients,
+is silent. So each session listens to every mDNS record that arrives
+(zeroconf's record updates, whatever the service type) and sorts out our
+own by the random label of our adverts (:func:`heard_from_elsewhere`);
+until a record of **another host** has arrived, nothing shows multicast
+works. After ``silence_timeout`` with none (:class:`MulticastCheck`) the
+status becomes ``"mDNS unavailable: no multicast heard (relay discovery
+only)"``; the advert and the browse go on, and the first record heard
+turns it back to ``"mDNS active on ..."`` for the rest of the session.
+Our own records do not count: the kernel loops multicast back to the
+sender whatever the network does with it. A device alone on a LAN where
+nothing else speaks mDNS is reported the same way - rightly, as there is
+no one to find there. Status lines go to ``on_status`` (and the log) only when
 they change, so a failure is said once; the first one is also the value of
 ``await nursery.start(run_mdns, ...)``. Turning mDNS off (``--no-mdns``) is
 the caller's business: it just does not start :func:`run_mdns`.
@@ -107,6 +122,8 @@ import trio
 from zeroconf import Error as ZeroconfError
 from zeroconf import (
     IPVersion,
+    RecordUpdate,
+    RecordUpdateListener,
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
@@ -166,6 +183,7 @@ MDNS_RESOLVE_TIMEOUT: Final = 2.0
 # longer would stall shutdown, so a stuck close is abandoned after this.
 MDNS_CLOSE_TIMEOUT: Final = 5.0
 
+_TYPE_PTR: Final = 12  # RFC 1035 §3.2.2
 _SIOCGIFFLAGS: Final = 0x8913
 _IFF_UP: Final = 0x1
 _IFF_LOOPBACK: Final = 0x8
@@ -178,7 +196,8 @@ class MdnsUnavailable(P2PSyncError):
 
 @dataclass(frozen=True, slots=True)
 class MdnsConfig:
-    """Knobs of :func:`run_mdns`; every default is a named constant above.
+    """Knobs of :func:`run_mdns`; every default is a named constant above or in
+    :mod:`p2psync.defaults`.
 
     ``interfaces``: interface names to use (``None``: every up,
     multicast-capable, non-loopback interface with an IPv4 address).
@@ -197,6 +216,7 @@ class MdnsConfig:
     resolvers: int = MDNS_RESOLVERS
     resolve_timeout: float = MDNS_RESOLVE_TIMEOUT
     close_timeout: float = MDNS_CLOSE_TIMEOUT
+    silence_timeout: float = defaults.MDNS_SILENCE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +267,48 @@ class MdnsStats:
     """Browse events dropped because ``max_pending`` were waiting."""
     restarts: int = 0
     """zeroconf (re)starts, the first included."""
+    heard_elsewhere: bool = False
+    """:func:`find_invite` only, set when it ends: any mDNS record of another host arrived
+    (False after a while: this network likely drops multicast)."""
     seen_txt: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=16))
     """The last few TXT records resolved (for privacy checks: no NodeId in clear)."""
 
 
 # --- sans-IO pieces ---------------------------------------------------------
+
+
+class MulticastCheck:
+    """Has multicast from another host reached us since ``started``? (pure; ``now`` injected)
+
+    :meth:`silent` is True once ``timeout`` has passed with nothing heard;
+    one record heard settles it for the rest of the session (a peer's
+    records come only every few minutes once caches are warm, so a
+    sliding window would flap).
+    """
+
+    def __init__(self, started: float, timeout: float) -> None:
+        self._started = started
+        self._timeout = timeout
+        self.heard_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        if self.heard_at is None:
+            self.heard_at = now
+
+    def silent(self, now: float) -> bool:
+        return self.heard_at is None and now - self._started >= self._timeout
+
+
+def heard_from_elsewhere(owners: Collection[str], our_labels: Collection[str]) -> bool:
+    """Whether any record named by ``owners`` is another host's.
+
+    A record's owner is its name, or a PTR's target (the PTR's own name is
+    the service type, the same for everyone). Ours all start with one of
+    ``our_labels`` (the random labels of our adverts: instance and host
+    names, also after zeroconf appends " (2)" to a name it found taken).
+    """
+    ours = tuple(label.lower() for label in our_labels)
+    return any(not owner.lower().startswith(ours) for owner in owners) if ours else bool(owners)
 
 
 class PeerReports:
@@ -438,6 +495,35 @@ class _BrowseInbox:
 # --- zeroconf, typed and at arm's length -------------------------------------------
 
 
+def _owner(record: object) -> str:
+    """A zeroconf DNSRecord's owner name: its own, or a PTR's target (a PTR's own name is
+    the service type). zeroconf does not export DNSRecord: read it as an object."""
+    if getattr(record, "type", None) == _TYPE_PTR:
+        return str(getattr(record, "alias", ""))
+    return str(getattr(record, "name", ""))
+
+
+class _HeardListener(RecordUpdateListener):
+    """Notes (in zeroconf's thread) that a record of another host arrived.
+
+    Never blocks: a label check per record and an Event set. ``labels`` is
+    replaced whole by the trio side when we advertise under a new label.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: tuple[str, ...] = ()
+        self.heard = threading.Event()
+
+    def async_update_records(self, zc: object, now: float, records: list[RecordUpdate]) -> None:
+        del zc, now
+        if self.heard.is_set():
+            return
+        owners = [_owner(update.new) for update in records]
+        if heard_from_elsewhere(owners, self.labels):
+            self.heard.set()
+
+
 @dataclass(frozen=True, slots=True)
 class _Resolved:
     txt: bytes
@@ -532,6 +618,25 @@ class _Session:
         self._stats = stats
         self._random_bytes = random_bytes
         self._services: collections.OrderedDict[str, NodeId | None] = collections.OrderedDict()
+        self._labels: collections.deque[str] = collections.deque(maxlen=8)  # our adverts'
+        self._heard = _HeardListener()
+
+    async def watch_multicast(self, active: str, status: _Status) -> None:
+        """Say "no multicast heard" after ``silence_timeout`` of it; ``active`` when heard."""
+        self._zc.add_listener(self._heard, None)
+        try:
+            check = MulticastCheck(trio.current_time(), self._config.silence_timeout)
+            while True:
+                now = trio.current_time()
+                if self._heard.heard.is_set():
+                    check.heard(now)
+                    status.set(active)
+                    return
+                if check.silent(now):
+                    status.set(_unavailable("no multicast heard"))
+                await trio.sleep(min(1.0, self._config.silence_timeout))
+        finally:
+            self._zc.remove_listener(self._heard)
 
     async def advertise(self) -> None:
         """Register our service; re-register under a fresh name when our tag changes."""
@@ -552,6 +657,8 @@ class _Session:
                     logger.warning("mDNS: could not register our advert (%r); will retry", exc)
                 else:
                     registered, current = info, tag
+                    self._labels.append(info.name.split(".", 1)[0])
+                    self._heard.labels = tuple(self._labels)
                     logger.debug("mDNS: advertising as %s", info.name)
             await trio.sleep(self._config.tag_check_interval)
 
@@ -707,10 +814,12 @@ async def run_mdns(
             session = _Session(
                 zc, snapshot, config, our, accepted_tags, on_peer, reports, stats, random_bytes
             )
-            report(f"mDNS active on {_describe(snapshot)}")
+            active = f"mDNS active on {_describe(snapshot)}"
+            report(active)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.advertise)
                 nursery.start_soon(session.browse)
+                nursery.start_soon(session.watch_multicast, active, status)
                 await _wait_for_change(snapshot, config)
                 nursery.cancel_scope.cancel()
             logger.info("mDNS: network interfaces changed; restarting")
@@ -812,6 +921,8 @@ async def find_invite(
         raise MdnsUnavailable("no up, multicast-capable network interface with IPv4")
     zc = await trio.to_thread.run_sync(_open_zeroconf_blocking, snapshot)
     result: list[FoundInvite] = []
+    heard = _HeardListener()  # we advertise nothing here: every record is another host's
+    zc.add_listener(heard, None)
     try:
         inbox = _BrowseInbox(
             trio.lowlevel.current_trio_token(), config.max_pending, stats, INVITE_SERVICE_TYPE
@@ -859,6 +970,7 @@ async def find_invite(
                 scope.shield = True
                 await trio.to_thread.run_sync(browser.cancel, abandon_on_cancel=True)
     finally:
+        stats.heard_elsewhere = heard.heard.is_set()
         await _close_zeroconf(zc, config.close_timeout)
     if not result:
         raise MdnsUnavailable("the browse ended without finding the invite")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from zeroconf import ServiceStateChange
+from zeroconf import DNSAddress, DNSPointer, DNSService, RecordUpdate, ServiceStateChange
 
 from netsim import NatKind, Network, Proc, Site, SiteHost, Topology, build, netns, wait_until
 from p2psync.crypto.group import GroupSecret, mdns_tag
@@ -37,8 +37,12 @@ from p2psync.discovery.mdns import (
     Interface,
     MdnsConfig,
     MdnsStats,
+    MulticastCheck,
     PeerReports,
     _BrowseInbox,
+    _HeardListener,
+    _owner,
+    heard_from_elsewhere,
     order_addresses,
     run_mdns,
 )
@@ -145,6 +149,48 @@ async def test_no_interface_reports_unavailable_once_and_keeps_waiting() -> None
     assert first.startswith("mDNS unavailable: no up, multicast-capable network interface")
     assert first.endswith("(relay discovery only)")
     assert statuses == [first]
+
+
+def test_multicast_check_is_silent_after_the_timeout_until_something_is_heard() -> None:
+    check = MulticastCheck(started=100.0, timeout=15.0)
+    assert not check.silent(100.0) and not check.silent(114.9)  # too soon to tell
+    assert check.silent(115.0) and check.silent(500.0)
+    check.heard(501.0)
+    assert not check.silent(502.0) and check.heard_at == 501.0
+    check.heard(900.0)  # settled for the session: the first hearing stays
+    assert check.heard_at == 501.0 and not check.silent(10_000.0)
+    early = MulticastCheck(started=0.0, timeout=15.0)
+    early.heard(3.0)
+    assert not early.silent(60.0)
+
+
+def test_only_records_of_another_host_count_as_heard() -> None:
+    """Our own adverts come back to us through the kernel's multicast loop whatever
+    the network does: records under our labels must not count."""
+    ours = ("p2ps-aaaaaaaaaaaaaaaa", "p2ps-bbbbbbbbbbbbbbbb")  # this and a previous window
+
+    def ptr(target: str) -> RecordUpdate:  # a PTR's own name is the service type
+        return RecordUpdate(DNSPointer(SERVICE_TYPE, 12, 1, 120, f"{target}.{SERVICE_TYPE}"))
+
+    def srv(instance: str) -> RecordUpdate:
+        return RecordUpdate(DNSService(f"{instance}.{SERVICE_TYPE}", 33, 1, 120, 0, 0, 1, "h."))
+
+    def a(host: str) -> RecordUpdate:
+        return RecordUpdate(DNSAddress(f"{host}.local.", 1, 1, 120, bytes([10, 0, 0, 9])))
+
+    own = [ptr(ours[1]), srv(ours[1]), a(ours[0].upper()), srv(f"{ours[1]} (2)")]
+    assert not heard_from_elsewhere([_owner(u.new) for u in own], ours)
+    member, printer = ptr("p2ps-cccccccccccccccc"), a("printer")
+    assert heard_from_elsewhere([_owner(member.new)], ours)
+    assert heard_from_elsewhere([_owner(printer.new)], ours)
+    assert heard_from_elsewhere(["printer.local."], ())  # before our first advert
+    assert not heard_from_elsewhere([], ours)
+    listener = _HeardListener()
+    listener.labels = ours
+    listener.async_update_records(None, 0.0, own)
+    assert not listener.heard.is_set()
+    listener.async_update_records(None, 0.0, [*own, member])
+    assert listener.heard.is_set()
 
 
 # --- netsim LAN -------------------------------------------------------------------
@@ -320,6 +366,53 @@ def test_adverts_are_resealed_when_the_window_rolls_over(lan: Network) -> None:
         assert [p["node_id"] for p in results[host]["peers"]] == [str(other.identity.node_id)]
 
 
+# A host firewall that drops every mDNS packet it receives (our own, looped back
+# by the kernel, included): the sockets open and sends succeed, nothing arrives.
+_DROP_MDNS = """
+table inet p2psync_test {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        udp dport 5353 drop
+    }
+}
+"""
+
+
+@pytest.mark.netsim
+def test_a_host_that_hears_no_multicast_says_so_and_recovers(lan: Network) -> None:
+    group = GroupSecret.generate(os.urandom)
+    a, b = _Device(group, 47300), _Device(group, 47301)
+    lan.run("a", ["nft", "-f", "-"], input_text=_DROP_MDNS)
+    proc_a = lan.spawn("a", a.argv(60.0, "--silence-timeout", "3"))
+    proc_b = lan.spawn("b", b.argv(60.0, "--silence-timeout", "3"))
+
+    def events(proc: Proc, kind: str) -> list[dict[str, Any]]:
+        return [e for e in _events(proc.stdout_text()) if e["event"] == kind]
+
+    def last_status(proc: Proc) -> str:
+        statuses = events(proc, "status")
+        return str(statuses[-1]["status"]) if statuses else ""
+
+    silent = "mDNS unavailable: no multicast heard (relay discovery only)"
+    active = f"mDNS active on eth0 {lan.address('a')}"
+    wait_until(lambda: last_status(proc_a) == silent, timeout=15, what="a saying it hears nothing")
+    # It started out "active" (the sockets opened): only listening told them apart.
+    assert [e["status"] for e in events(proc_a, "status")] == [active, silent]
+    assert events(proc_a, "peer") == []
+    # What a sends still goes out: b hears it, finds a, and says mDNS works.
+    a_id = str(a.identity.node_id)
+    wait_until(lambda: any(p["node_id"] == a_id for p in events(proc_b, "peer")),
+               timeout=15, what="b finding a")  # fmt: skip
+    assert last_status(proc_b).startswith("mDNS active on eth0")
+    # The firewall opens: the next answer from b turns a back to active, and a finds b.
+    lan.run("a", ["nft", "delete", "table", "inet", "p2psync_test"])
+    wait_until(lambda: last_status(proc_a) == active and bool(events(proc_a, "peer")),
+               timeout=45, what="a hearing b again")  # fmt: skip
+    assert events(proc_a, "peer")[-1]["node_id"] == str(b.identity.node_id)
+    for proc in (proc_a, proc_b):
+        proc.stop()
+
+
 # --- the driver: `python test_mdns_lan.py --secret HEX --seed HEX ...` --------
 
 
@@ -331,6 +424,7 @@ def _driver(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--interface-poll", type=float, default=1.0)
     parser.add_argument("--tag-check", type=float, default=1.0)
+    parser.add_argument("--silence-timeout", type=float, default=15.0)
     # Tag clock = base + (time.time() - base) * warp: drivers given the same
     # base and warp agree on (fast) windows.
     parser.add_argument("--time-base", type=float, default=0.0)
@@ -338,7 +432,11 @@ def _driver(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     identity = Identity.from_seed(bytes.fromhex(args.seed))
     keys = GroupSecret.from_bytes_untrusted(bytes.fromhex(args.secret)).keys()
-    config = MdnsConfig(interface_poll=args.interface_poll, tag_check_interval=args.tag_check)
+    config = MdnsConfig(
+        interface_poll=args.interface_poll,
+        tag_check_interval=args.tag_check,
+        silence_timeout=args.silence_timeout,
+    )
 
     base: float = args.time_base
     warp: float = args.time_warp
