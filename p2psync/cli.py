@@ -25,11 +25,12 @@ from typing import Any
 
 from p2psync import __version__, ops, terminal
 from p2psync.control.client import ControlClient, connect_if_running
+from p2psync.crypto.codes import has_prefix
 from p2psync.crypto.group import group_id_text
 from p2psync.defaults import NETCHECK_ALT_PORT_OFFSET
 from p2psync.errors import P2PSyncError
 from p2psync.home import Home, default_home
-from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, devices_from_members
+from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, TICKET_PREFIX, devices_from_members
 from p2psync.proto.entry import Kind
 from p2psync.store import Meta
 
@@ -452,8 +453,37 @@ def _show_invite(args: argparse.Namespace, reply: dict[str, Any], waits: bool) -
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def _revoke_invite(args: argparse.Namespace, home: Home) -> int:
+    """``invite --revoke CODE``: close an open short code or ticket in the running daemon."""
+    from p2psync.pairing import ShortCode, decode_ticket_untrusted
+
+    text = args.revoke.strip()
+    if has_prefix(text, TICKET_PREFIX):
+        decode_ticket_untrusted(text)  # a typo is caught here, not by the daemon
+    else:
+        ShortCode.parse_untrusted(text)
+    daemon = _daemon(home)
+    if daemon is None:
+        raise UserError(
+            "no daemon is running: an invite made by `p2psync invite` without a daemon "
+            "ends when that command stops (Ctrl-C it)"
+        )
+    with daemon:
+        reply = daemon.call("revoke-invite", {"code": text})
+    if not reply.get("revoked"):
+        raise UserError(
+            "this invite is not open (used, expired or revoked already, or a device is "
+            "joining with it right now)"
+        )
+    _emit(args, reply, "revoked: the invite no longer works (a short code is also "
+                       "withdrawn from the relay and the LAN)")  # fmt: skip
+    return 0
+
+
 def cmd_invite(args: argparse.Namespace) -> int:
     home = _home(args)
+    if args.revoke is not None:
+        return _revoke_invite(args, home)
     lifetime = _parse_duration(args.expires)
     if args.short and lifetime > SHORT_CODE_MAX_LIFETIME:
         raise UserError(f"a short code lasts at most {SHORT_CODE_MAX_LIFETIME // 60} minutes")
@@ -655,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a 16-character code XXXX-XXXX-XXXX-XXXX (via the relay and the "
                         "LAN; at most 10m) instead of a long ticket")  # fmt: skip
     invite.add_argument("--qr", action="store_true", help="also show it as a QR code")
+    invite.add_argument("--revoke", metavar="CODE",
+                        help="close an open short code or ticket of the running daemon "
+                        "instead of making one")  # fmt: skip
     invite.add_argument("--listen", metavar="HOST:PORT",
                         help="without a daemon: where to wait for the joiner")  # fmt: skip
     invite.add_argument("--relay", metavar="[NODEID@]HOST:PORT",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -468,3 +469,42 @@ async def test_join_requests_are_rate_limited_at_the_inviter(
             # invite is refused too, and stays open, untried.
             assert (await _raw_join(ticket))["refused"] == "rate-limited"
             assert len(a.invites) == 1 and a.counters["joins_refused"] == 3
+
+
+async def test_invite_revoke_closes_tickets_and_short_codes_through_the_daemon(
+    make_home: Callable[..., Home], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from p2psync.cli import main
+
+    from .test_short_codes import running_relay
+
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+
+    async def cli(*argv: str) -> int:
+        code: int = await trio.to_thread.run_sync(main, ["--home", str(a_home.path), *argv])
+        return code
+
+    assert await cli("invite", "--revoke", "ABCD-EFGH-JKMN-PQRS") == 1
+    assert "no daemon is running" in capsys.readouterr().err
+    with trio.fail_after(60):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            options = NodeOptions(listen=("127.0.0.1", 0), relay=relay_text, control=True)
+            async with open_node(a_home, options) as a:
+                ticket = _loopback_ticket(a)
+                short = await a.create_short_invite(600, lan=False)
+                assert len(a.invites) == 2
+                assert await cli("invite", "--revoke", ticket.encode()) == 0
+                assert "revoked" in capsys.readouterr().out
+                assert len(a.invites) == 1
+                with pytest.raises(JoinRefused) as gone:
+                    await join_group(make_home("b", None), ticket.encode())
+                assert gone.value.code == "unknown-invite"
+                assert await cli("invite", "--revoke", ticket.encode(), "--json") == 1
+                assert "not open" in capsys.readouterr().err
+                assert await cli("invite", "--revoke", short.code, "--json") == 0
+                assert json.loads(capsys.readouterr().out) == {"revoked": True}
+                assert len(a.invites) == 0
+                # A mistyped code is caught before the daemon is asked.
+                assert await cli("invite", "--revoke", short.code[:-1] + "U") == 1
+                assert "'U'" in capsys.readouterr().err
