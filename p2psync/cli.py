@@ -542,6 +542,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     with home.open_store() as store:
         devices = devices_from_members(store.members())
         ours = str(store.identity.node_id)
+        # What the daemon wrote (at most once a minute per peer, and when it stopped).
+        stored_seen = {str(n): ms / 1000 for n, ms in store.peers_seen().items()}
     seen: dict[str, Any] = {}
     running = False
     daemon = _daemon(home)
@@ -555,7 +557,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for device in devices:
         peer = seen.get(device.node_id, {})
         connected = peer.get("path") not in (None, "none")
-        last_seen = time.time() if device.node_id == ours else peer.get("last_seen")
+        if device.node_id == ours or connected:
+            last_seen: float | None = time.time()
+        else:
+            times = [t for t in (peer.get("last_seen"), stored_seen.get(device.node_id)) if t]
+            last_seen = max(times) if times else None
         rows.append(
             {
                 **device.to_json(),
@@ -584,7 +590,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 "%Y-%m-%d %H:%M", time.localtime(row["last_seen"])
             )
         else:
-            seen_text = "not seen since the daemon started" if running else "daemon not running"
+            seen_text = "never seen connected" + ("" if running else " (daemon not running)")
         added = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["added_ms"] / 1000))
         print(f"{(row['name'] or '-'):<{width}}  {row['node_id'][:16]}  {origin:<20}  "
               f"{added}  {seen_text}")  # fmt: skip

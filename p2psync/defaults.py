@@ -340,6 +340,9 @@ MDNS_SILENCE_TIMEOUT = 15.0
 PEER_SEEN_WRITE_INTERVAL = 60.0
 # Peers whose last seen is kept: far more than a group's devices.
 PEER_SEEN_MAX = 1024
+# The last write of last-seen times when a node stops: one small transaction;
+# a store that hangs must not hang the shutdown.
+PEER_SEEN_FINAL_WRITE_TIMEOUT = 2.0
 # A LAN address found by mDNS answers within a second or not at all; try the
 # next one after this long.
 LAN_DIAL_TIMEOUT = 3.0

@@ -508,6 +508,7 @@ class Node:
         self.mdns_status = "off"
         self.joined = trio.Event()  # set after each successful join (for `invite` w/o daemon)
         self.started_at = time.time()
+        self._seen_written_at = 0.0  # unix time of the last write of peers' last seen
         self._changes = trio.Event()  # set and replaced on every store change
         # Status for apps (p2psync.api): events, paths, rates, incoming transfers.
         self.events_hub = EventHub()
@@ -991,6 +992,38 @@ class Node:
         if address is not None:
             return source_key(str(address[0]), defaults.JOIN_IPV6_PREFIX)
         return f"relayed:{conn.their_node_id}"
+
+    # --- devices: peers' last seen, kept in the store ---------------------------------
+
+    def _seen_since_last_write(self, now: float) -> dict[NodeId, int]:
+        """Unix ms last seen of the peers connected now or since the last write."""
+        seen = {node_id: int(now * 1000) for node_id in self.active}
+        for node_id, info in self.peer_info.items():
+            if node_id in seen or info.last_seen is None:
+                continue
+            if info.last_seen > self._seen_written_at:
+                seen[node_id] = int(info.last_seen * 1000)
+        return seen
+
+    async def _write_seen(self) -> None:
+        now = time.time()
+        seen = self._seen_since_last_write(now)
+        if seen:
+            await self.locked(self.store.save_peers_seen, seen, defaults.PEER_SEEN_MAX)
+        self._seen_written_at = now
+
+    async def _keep_seen(self) -> None:
+        """Write peers' last seen to the store (`p2psync devices` reads it without a
+        daemon): every PEER_SEEN_WRITE_INTERVAL, one row per peer seen meanwhile, and
+        once more when the node stops."""
+        try:
+            while True:
+                await trio.sleep(defaults.PEER_SEEN_WRITE_INTERVAL)
+                await self._write_seen()
+        finally:
+            with trio.move_on_after(defaults.PEER_SEEN_FINAL_WRITE_TIMEOUT) as scope:
+                scope.shield = True
+                await self._write_seen()
 
     async def serve_join(self, conn: Connection, stream: Any, first: bytes) -> None:
         """Answer a join handshake whose first frame is already read (``first``).
@@ -1483,6 +1516,7 @@ async def open_node(
             node = Node(home, store, endpoint, options, nursery)
             nursery.start_soon(node._accept_loop)
             nursery.start_soon(node._watch)
+            nursery.start_soon(node._keep_seen)
             if options.relay is not None:
                 await nursery.start(_run_relay, node, options.relay)
             for peer in options.peers:

@@ -1,9 +1,9 @@
-"""Rate limits and write throttles keyed by a peer-chosen value (sans-IO).
+"""Rate limits keyed by a peer-chosen value (sans-IO).
 
 Theory
 ------
-Whatever a peer can make us do per request (answer a JOIN_REQUEST, write a
-row) is limited by a **token bucket** per source: ``rate`` tokens a second,
+Whatever a peer can make us do per request (answer a JOIN_REQUEST, look up
+an invite) is limited by a **token bucket** per source: ``rate`` tokens a second,
 at most ``burst`` saved, so over any interval ``t`` a source gets at most
 ``burst + rate * t``. Sources are remembered in an LRU table of bounded
 size: a flood of fresh sources evicts old entries (which then start full
@@ -33,7 +33,7 @@ from p2psync.errors import LocalProtocolError
 
 K = TypeVar("K")
 
-__all__ = ["IntervalGate", "KeyedBuckets", "TokenBucket", "source_key"]
+__all__ = ["KeyedBuckets", "TokenBucket", "source_key"]
 
 
 def source_key(ip: str, ipv6_prefix: int) -> str:
@@ -123,31 +123,3 @@ class KeyedBuckets(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-class IntervalGate(Generic[K]):
-    """Per key, say yes at most once per ``interval`` (at most ``capacity`` keys, LRU).
-
-    For writes a peer's activity triggers: the first one goes through, the
-    next only after ``interval``.
-    """
-
-    def __init__(self, interval: float, capacity: int) -> None:
-        if capacity <= 0:
-            raise LocalProtocolError("an interval gate needs a positive capacity")
-        self._interval = interval
-        self._capacity = capacity
-        self._last: OrderedDict[K, float] = OrderedDict()
-
-    def allow(self, key: K, now: float) -> bool:
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            return False
-        self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > self._capacity:
-            self._last.popitem(last=False)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._last)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,6 +132,12 @@ CREATE TABLE IF NOT EXISTS mailbox_state (
     pull_cursor INTEGER NOT NULL,  -- relay cursor of the last item pulled and stored
     push_cursor INTEGER NOT NULL,  -- local cursor of our last entry the relay acknowledged
     PRIMARY KEY (relay, mailbox)
+) STRICT;
+-- Added after schema 1 shipped (additive): when each peer was last connected,
+-- for `p2psync devices` without a daemon (written at most once a minute).
+CREATE TABLE IF NOT EXISTS peer_seen (
+    node_id BLOB PRIMARY KEY,   -- the peer's NodeId
+    seen_ms INTEGER NOT NULL    -- unix ms it was last seen connected
 ) STRICT;
 """
 
@@ -864,6 +870,27 @@ class Store:
                 "THEN COALESCE(?, push_cursor) ELSE excluded.push_cursor END, "
                 "log_id = excluded.log_id",
                 (relay, mailbox, log_id, pull, push, pull, push),
+            )
+
+    # --- peers' last seen (p2psync devices) ------------------------------------
+
+    def peers_seen(self) -> dict[NodeId, int]:
+        """Unix ms each peer was last seen connected (as far as it was written)."""
+        rows = self._db.execute("SELECT node_id, seen_ms FROM peer_seen").fetchall()
+        return {NodeId(bytes(n)): int(ms) for n, ms in rows}
+
+    def save_peers_seen(self, seen: Mapping[NodeId, int], keep: int) -> None:
+        """Record last-seen times (never moving one back); keep the ``keep`` newest."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO peer_seen VALUES (?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                "seen_ms = MAX(seen_ms, excluded.seen_ms)",
+                [(node_id.raw, ms) for node_id, ms in seen.items()],
+            )
+            db.execute(
+                "DELETE FROM peer_seen WHERE node_id NOT IN "
+                "(SELECT node_id FROM peer_seen ORDER BY seen_ms DESC LIMIT ?)",
+                (keep,),
             )
 
     def own_entries_after(self, cursor: int, limit: int) -> list[tuple[int, bytes]]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 import trio
 
 from p2psync.crypto.group import GroupSecret, group_id_text
-from p2psync.crypto.identity import Identity
+from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import BadFrame, ConfigError, LocalProtocolError
 from p2psync.home import Home
 from p2psync.join import join_group
@@ -508,3 +509,63 @@ async def test_invite_revoke_closes_tickets_and_short_codes_through_the_daemon(
                 # A mistyped code is caught before the daemon is asked.
                 assert await cli("invite", "--revoke", short.code[:-1] + "U") == 1
                 assert "'U'" in capsys.readouterr().err
+
+
+async def test_devices_shows_last_seen_from_the_store_after_the_daemon_stopped(
+    make_home: Callable[..., Home],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from p2psync.cli import main
+    from p2psync.daemon import options_for
+    from p2psync.store import Store
+
+    monkeypatch.setattr("p2psync.defaults.PEER_SEEN_WRITE_INTERVAL", 0.3)
+    writes: list[dict[NodeId, int]] = []
+    save = Store.save_peers_seen
+
+    def counted(self: Store, seen: Mapping[NodeId, int], keep: int) -> None:
+        writes.append(dict(seen))
+        save(self, seen, keep)
+
+    monkeypatch.setattr(Store, "save_peers_seen", counted)
+    a_home, b_home = make_home("a", GroupSecret.generate(os.urandom)), make_home("b", None)
+    b_id = b_home.load_identity().node_id
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            await join_group(b_home, _loopback_ticket(a).encode(), name="laptop-b")
+            b_options = dataclasses.replace(
+                options_for(b_home, listen="127.0.0.1:0", peers=[]), control=False
+            )
+            async with open_node(b_home, b_options):
+                await wait_until(a, lambda: b_id in a.active)
+                connected_at = time.time()
+                await trio.sleep(1.5)  # about five write intervals while connected
+            left_at = time.time()
+            await wait_until(a, lambda: b_id not in a.active)
+            writes_while_connected = len(writes)
+            await trio.sleep(0.7)  # no peer seen since the last write: nothing to write
+            assert len(writes) <= writes_while_connected + 1
+    # At most one row per peer per interval (plus the write when a stopped).
+    b_writes = [w[b_id] for w in writes if b_id in w]
+    assert 2 <= len(b_writes) <= 1.5 / 0.3 + 3, b_writes
+    assert all(len(w) == 1 for w in writes)
+    assert b_writes == sorted(b_writes)
+    # No daemon now: `devices` reads the last seen that a wrote.
+    assert main(["--home", str(a_home.path), "devices", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    seen = rows["laptop-b"]["last_seen"]
+    assert seen is not None and connected_at - 1 <= seen <= left_at + 1, (seen, left_at)
+    assert main(["--home", str(a_home.path), "devices"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("laptop-b"))
+    assert "last seen " + time.strftime("%Y-%m-%d", time.localtime(seen)) in line
+
+
+def test_stored_last_seen_never_moves_back_and_is_bounded(make_home: Callable[..., Home]) -> None:
+    peers = [Identity.from_seed(bytes([0x60 + n]) * 32).node_id for n in range(3)]
+    with make_home("a", GroupSecret.generate(os.urandom)).open_store() as store:
+        store.save_peers_seen({peers[0]: 1_000, peers[1]: 2_000}, keep=10)
+        store.save_peers_seen({peers[0]: 500}, keep=10)  # an older report loses
+        assert store.peers_seen() == {peers[0]: 1_000, peers[1]: 2_000}
+        store.save_peers_seen({peers[2]: 3_000}, keep=2)  # the oldest goes
+        assert store.peers_seen() == {peers[1]: 2_000, peers[2]: 3_000}
