@@ -95,18 +95,27 @@ route of that moment, so a move to a direct path changes the next packets
 (QUIC retransmits frames, not packets, so lost big ones come back small).
 
 Both choices, measured (``python -m netsim.bench relay --only throughput
---rounds 3``, 32 MiB blob, loopback, 2 cores, three processes; medians):
+--rounds 3``: 32 MiB blob, loopback, 2 cores for three processes, medians;
+run 1 with relayd's old 8 MiB/s per-node limit, run 2 with 16 MiB/s)::
 
-    path                         MB/s   vs direct   relayd CPU per relayed MB
-    direct                       22.7   1           -
-    fast path, 1414-byte packets 14.3   0.63        11.0 ms   (relayd unthrottled)
-    relay stream, 16 KiB packets  9.0   0.40        73.7 ms   (same run)
+    path                               run 1 MB/s (x direct)  run 2 MB/s (x direct)  relayd CPU/MB
+    direct                             22.7                   23.6                   -
+    fast path, 1414-byte packets       12.5 (0.55)            17.6 (0.74)            11.6-11.9 ms
+    fast path, relayd unthrottled      14.3 (0.63)            14.8 (0.63)            10.8-11.0 ms
+    relay stream, 16 KiB packets        9.0 (0.40)             6.2 (0.26)            65.7-73.7 ms
 
-The fast path wins: relayd does one ``recvmsg``/``sendmsg`` (GRO/GSO) and a
-dict lookup per datagram instead of a QUIC receive and send, and the nodes
-skip their relay connections' QUIC entirely, so the smaller packets cost
-less than the stream's per-packet saving brought. Before it, relayed
-throughput was 0.34-0.39 of direct at 87 ms relayd CPU per MB.
+Single rounds spread widely (0.56-1.15 of direct for the fast path: three
+busy processes share two cores with other work); per CPU second of the
+busiest process the fast path moves 0.84-1.04 of what direct does, the
+stream 0.56-0.60.
+
+The fast path wins, so it is the default: per datagram relayd does a few
+dict lookups and a token-bucket charge (reads and sends batched per socket
+read, GRO/GSO) instead of a QUIC receive, a stream reassembly and a QUIC
+send, and the nodes skip their relay connections' QUIC entirely; that is
+worth more than the 11x fewer packets the stream's 16 KiB ones saved.
+Before it, relayed throughput was 0.34-0.39 of direct at 87 ms of relayd
+CPU per relayed MB.
 
 While a relay is set the path driver (:mod:`.traversal`) sends the disco
 messages the path table plans: CALL_ME_MAYBE and probes while relayed
