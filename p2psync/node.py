@@ -142,6 +142,7 @@ from p2psync.store import BlobPending, Store, StoredEntry
 from p2psync.store.objects import AppValue, Meta, open_meta
 from p2psync.sync.events import (
     EntriesReceived,
+    ObjectStored,
     ObjectWanted,
     PeerVerified,
     ProtocolViolation,
@@ -368,6 +369,8 @@ class PeerLink:
                 case ObjectWanted():
                     if nursery is not None:
                         nursery.start_soon(self._fetch, event.oid)
+                case ObjectStored():
+                    node._objects_arrived()
                 case ProtocolViolation():
                     node.counters["protocol_violations"] += 1
                     log.warning("peer %s broke the protocol: %s", self._peer_label(), event.detail)
@@ -1214,6 +1217,12 @@ class Node:
                     target.kick()
             self._notify_changed()
 
+    def _objects_arrived(self) -> None:
+        """Objects were stored: a pending value may be complete now, so every
+        ``get(wait=True)`` reads again at once (not at the next status sample)."""
+        self._transfers_changed.set()
+        self._transfers_changed = trio.Event()
+
     def mailbox_received(self, raws: list[bytes]) -> None:
         """The relay mailbox delivered: entries the store accepted (gossip them), or objects."""
         if raws:
@@ -1226,6 +1235,8 @@ class Node:
                 self._received.extend(raws)  # _watch tracks their blobs (cheap: no rescan)
             else:
                 self._rescan_transfers = True
+        else:
+            self._objects_arrived()  # objects only
         self._notify_changed()
 
     def _session_closed(self, link: PeerLink, event: SessionClosed) -> None:

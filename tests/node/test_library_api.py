@@ -409,3 +409,22 @@ async def test_delete_frees_only_its_own_value(tmp_path: Path) -> None:
             collected = await node.locked(node.store.gc)
             assert collected.objects_removed == 3
             assert await node.get("keep") == shared + b"keep"
+
+
+async def test_get_wait_returns_when_the_value_lands_not_at_the_next_status_sample(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The status sampler never ticks in this test: only the arrival itself may wake get().
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL", 3600.0)
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    big = os.urandom(64 * defaults.CHUNK_SIZE)  # seconds on loopback: pending when asked
+    with trio.fail_after(90):
+        async with p2psync.open_node(a_home, NodeOptions(listen=LOOPBACK)) as a:
+            b_options = NodeOptions(listen=LOOPBACK, peers=(peer_of(a),))
+            async with p2psync.open_node(b_home, b_options) as b:
+                await b.put(big, key="late.bin")
+                await arrival(a, "late.bin")  # the entry is here, its chunks are not
+                with pytest.raises(BlobPending):
+                    await a.get("late.bin")
+                assert await a.get("late.bin", wait=True) == big  # not after 3600 s
