@@ -9,8 +9,9 @@ the CLI as a user would:
                                         mDNS and waits for the joiner)
     b$ p2psync init && p2psync join CODE   (finds a on the LAN, joins)
     a$, b$ p2psync daemon; put on each; each sees the other's file
-    a$ p2psync invite --short          (now the running daemon answers)
-    c$ p2psync join CODE               (a third device, through the daemon)
+    b$ p2psync invite --short          (b, which joined, now invites; its daemon answers)
+    c$ p2psync join CODE               (a third device, through b, over the LAN)
+    a$ p2psync invite --short; d$ p2psync join CODE   (a fourth, through a's daemon)
 
 The second test pairs two devices at two different easy-NAT sites through
 relayd on a public host (short code looked up on the relay, the join
@@ -43,7 +44,7 @@ CLI_TIMEOUT = 60.0
 @pytest.fixture
 def lan(tmp_path: Path) -> Iterator[Network]:
     topology = Topology(
-        sites=(Site("lan", NatKind.NONE, hosts=(SiteHost("a"), SiteHost("b"), SiteHost("c"))),)
+        sites=(Site("lan", NatKind.NONE, hosts=tuple(SiteHost(h) for h in "abcd")),)
     )
     with build(topology, output_base=tmp_path) as net:
         yield net
@@ -100,11 +101,12 @@ def _keys(device: _Device) -> set[str]:
 @pytest.mark.netsim
 def test_lan_pairing_with_a_short_code_and_no_relay(lan: Network, tmp_path: Path) -> None:
     started = time.monotonic()
-    a, b, c = (_Device(lan, host, tmp_path / f"home-{host}") for host in "abc")
+    a, b, c, d = (_Device(lan, host, tmp_path / f"home-{host}") for host in "abcd")
     a.cli("init", "--name", "laptop-a")
     group = a.cli("group", "create")["group_id"]
     b.cli("init", "--name", "laptop-b")
     c.cli("init", "--name", "phone-c")
+    d.cli("init", "--name", "tablet-d")
 
     # No daemon on a: `invite --short` announces the code on the LAN and waits.
     inviter = a.spawn("invite", "--short", "--json")
@@ -137,14 +139,26 @@ def test_lan_pairing_with_a_short_code_and_no_relay(lan: Network, tmp_path: Path
     got = lan.run("b", b.argv("get", "notes/a"), name="b-get", timeout=CLI_TIMEOUT)
     assert got.stdout == "hello from a\n"
 
-    # A third device joins through a's running daemon, with a fresh code.
+    # A third device joins through b - the device that joined - over the LAN.
+    offered = b.cli("invite", "--short")
+    assert offered["lan"].startswith("mDNS active") and offered["relay"] is None
+    third = c.cli("join", offered["code"], "--name", "phone-c")
+    assert third["group_id"] == group and third["inviter"] == b.cli("whoami")["node_id"]
+    assert third["via"] == "direct" and third["address"] == f"{lan.address('b')}:47300"
+    # A fourth through a's daemon, with a fresh code of a's.
     offered = a.cli("invite", "--short")
     assert offered["lan"].startswith("mDNS active")
-    third = c.cli("join", offered["code"], "--name", "phone-c")
-    assert third["group_id"] == group and third["inviter"] == a.cli("whoami")["node_id"]
-    devices = {d["name"]: d for d in a.cli("devices")}
-    assert set(devices) == {"laptop-a", "laptop-b", "phone-c"}
+    fourth = d.cli("join", offered["code"], "--name", "tablet-d")
+    assert fourth["group_id"] == group and fourth["inviter"] == a.cli("whoami")["node_id"]
+    # a learns of c from b's signed MEMBER entry, b of d from a's.
+    everyone = {"laptop-a", "laptop-b", "phone-c", "tablet-d"}
+    for device in (a, b):
+        wait_until(lambda device=device: {r["name"] for r in device.cli("devices")} == everyone,
+                   timeout=30, what=f"{device.host} listing all four devices")  # fmt: skip
+    devices = {row["name"]: row for row in a.cli("devices")}
     assert devices["laptop-b"]["connected"] is True
+    assert devices["phone-c"]["added_by"] == b.cli("whoami")["node_id"]
+    assert devices["tablet-d"]["added_by"] == a.cli("whoami")["node_id"]
     for proc in daemons:
         proc.stop()
     assert time.monotonic() - started < 240

@@ -23,6 +23,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2psync import pairing as wire_join
 from p2psync.crypto.codes import BadCode, format_short_code, has_prefix
 from p2psync.crypto.group import GroupSecret, group_id_text
 from p2psync.crypto.identity import Identity
@@ -525,3 +526,45 @@ async def test_a_ticket_fetched_from_the_relay_is_checked_like_a_typed_one(
                 # Nothing reached the inviter: its invite is open and untried.
                 assert len(a.invites) == 1
                 assert a.counters["joins_refused"] == a.counters["joins_abandoned"] == 0
+
+
+async def test_an_attacker_with_only_the_lookup_half_gets_nothing_from_relay_or_inviter(
+    make_home: Callable[..., Home],
+) -> None:
+    """Knowing the first 8 characters (say, inverted from the LAN tag), and even the
+    inviter's address: the relay hands out nothing without the second half, and the
+    inviter's handshake yields a MAC no guess can be checked against without Argon2id
+    and a refusal; the invite survives for its real joiner."""
+    from .test_pairing import _raw_join
+
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", None)
+    with trio.fail_after(120):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            async with open_node(a_home, NodeOptions(listen=LOOPBACK, relay=relay_text)) as a:
+                offered = await _offer(a)
+                lookup = ShortCode.parse_untrusted(offered.code).lookup
+                guesses = [ShortCode(lookup.raw + os.urandom(5)).derive_keys() for _ in range(2)]
+                assert a.relay is not None
+                for left, guess in zip((2, 1), guesses, strict=True):
+                    fetch = wire.Fetch(lookup.lookup_id, guess.fetch_proof)
+                    reply = await invites_request(a.relay, fetch)  # any client of the relay
+                    assert isinstance(reply, wire.Failed), reply  # never a TicketFound
+                    assert reply.code == wire.InviteFailure.WRONG_CODE
+                    assert reply.tries_left == left
+                # The inviter, dialed directly with the invite id derived from L alone.
+                port = a.endpoint.local_address[1]
+                target = Ticket(a.node_id, (("127.0.0.1", port),), 0, lookup.invite_id, b"")
+                seen = await _raw_join(target, secret=guesses[0].invite_secret)
+                assert seen["first"] == wire_join.JOIN_CHALLENGE
+                assert seen["refused"] == "wrong-code" and "second" in seen
+                assert seen["second"] == wire_join.JOIN_REFUSED  # no JOIN_WELCOME
+                for guess in guesses:  # the MAC it got opens to no guess
+                    expected = wire_join.join_mac(guess.invite_secret, b"inviter", seen["script"])
+                    assert expected != seen["mac_i"]
+                assert devices_from_members(a.store.members()) == []
+                # The real joiner still gets in: one try left on the relay, two at a.
+                await join_group(b_home, offered.code, "b", relay=relay_text, lan=False)
+                assert b_home.load_secrets()[0].keys().group_id == secret.keys().group_id
+                assert [d.name for d in devices_from_members(a.store.members())] == ["b"]
