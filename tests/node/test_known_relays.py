@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -88,16 +89,17 @@ async def test_another_key_at_a_pinned_relay_address_is_refused_and_said(
             KnownRelays(home.path).pin(address, impostor_pin, 0.0)
             options = NodeOptions(listen=LOOPBACK, relay=f"{address[0]}:{address[1]}")
             async with open_node(home, options) as node:
-                while (node.status()["relay"] or {}).get("last_failure") is None:
-                    await trio.sleep(0.05)
+                await wait_until(
+                    node, lambda: (node.status()["relay"] or {}).get("last_failure") is not None
+                )
                 status = node.status()["relay"]
                 assert status["connected"] is False
                 assert status["relay"].startswith(str(impostor_pin))
                 assert "PeerIdentityMismatch" in status["last_failure"]
 
 
-def test_a_damaged_pin_file_is_an_error_that_names_it(tmp_path: os.PathLike[str]) -> None:
-    known = KnownRelays(tmp_path)  # type: ignore[arg-type]
+def test_a_damaged_pin_file_is_an_error_that_names_it(tmp_path: Path) -> None:
+    known = KnownRelays(tmp_path)
     known.path.write_text('{"version": 1, "relays": {"h:1": {"node_id": "not a node id"}}}')
-    with pytest.raises(ConfigError, match="known_relays.json is damaged"):
+    with pytest.raises(ConfigError, match=r"known_relays\.json is damaged"):
         known.get(("h", 1))
