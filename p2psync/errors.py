@@ -45,6 +45,11 @@ class IntegrityError(P2PSyncError):
     """Decoded data failed a hash, signature, MAC or chain check."""
 
 
+class NotWanted(P2PSyncError):
+    """An object arrived that nothing references any more (its value was deleted or
+    overwritten while it was on its way): dropped, and nobody's fault."""
+
+
 class NotFound(P2PSyncError):
     """The requested key, blob, chunk or peer does not exist here."""
 

@@ -655,6 +655,8 @@ class MailboxSync:
             raise errors.RemoteProtocolError("mailbox answered FETCH with something else")
         try:
             new = await self.node.locked(self.node.store.add_object, oid, message.data)
+        except errors.NotWanted:
+            return 0  # its value was deleted or overwritten meanwhile
         except (errors.IntegrityError, errors.BadFrame) as exc:
             self.stats.rejected += 1
             log.warning("mailbox object %s refused by the store: %s", oid.hex()[:12], exc)

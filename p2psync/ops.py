@@ -184,14 +184,15 @@ def remove(store: Store, key: str) -> tuple[StoredEntry, int]:
 
     Frees the deleted value's objects only (unless another key still holds
     the same content): the cost of a delete is that value's size, never the
-    store's. Older unreferenced objects (overwritten values) are for
-    ``p2psync gc`` (:meth:`~p2psync.store.Store.gc`).
+    store's (the store frees whatever a new head supersedes, see
+    :class:`~p2psync.store.Store`).
     """
     head = store.head(key)
     if head is None or head.entry.kind is not Kind.PUT:
         raise NotFound(f"no key named {key!r} (see `p2psync ls`)")
+    before = store.objects_released
     stored = store.append(Kind.DELETE, Meta(key=key), now_ms=now_ms())
-    return stored, store.release_blob(head.entry.blob).objects_removed
+    return stored, store.objects_released - before
 
 
 def blob_size(store: Store, target: str) -> int | None:

@@ -22,8 +22,14 @@ entry is committed, whether or not any peer is reachable.
 - Entries whose blob is not complete are **pending**: listed, not readable.
   :meth:`Store.missing_objects` tells sync what to fetch; every fetched
   object is verified by hash before it is stored (:meth:`Store.add_object`).
-- Only the blobs of *live* heads are fetched and kept; :meth:`Store.gc`
-  deletes objects no live entry references.
+- Only the blobs of *live* heads are fetched and kept. A value that stops
+  being live - deleted or overwritten, here or by a peer's entry - has its
+  objects freed in the same call that stored the new head, right after its
+  commit (:meth:`Store.release_blob`: work proportional to that blob, chunks
+  another live value shares are kept), as Syncthing does without versioning.
+  An object still on its way for such a value is refused with
+  :class:`~p2psync.errors.NotWanted` (nobody's fault). :meth:`Store.gc`
+  sweeps what is left (files of crashed writes, pre-existing garbage).
 
 Concurrency: one writer at a time per home (``BEGIN IMMEDIATE``); the CLI
 and a daemon may both open the store, SQLite's busy timeout serialises them.
@@ -47,7 +53,14 @@ import blake3
 from p2psync import defaults
 from p2psync.crypto.group import GroupKeys, GroupSecret
 from p2psync.crypto.identity import Identity, NodeId, RandomBytes
-from p2psync.errors import BadFrame, ConfigError, IntegrityError, LocalProtocolError, NotFound
+from p2psync.errors import (
+    BadFrame,
+    ConfigError,
+    IntegrityError,
+    LocalProtocolError,
+    NotFound,
+    NotWanted,
+)
 from p2psync.proto.entry import (
     Entry,
     EntryRejected,
@@ -215,6 +228,8 @@ class Store:
                 )
         self._clock = HybridClock(self._max_hlc())
         self._verify_pool: ThreadPoolExecutor | None = None  # made on first big batch
+        self._superseded: list[bytes] = []  # blobs the write in progress made not live
+        self.objects_released = 0  # objects freed because their value stopped being live
 
     def close(self) -> None:
         if self._verify_pool is not None:
@@ -257,6 +272,7 @@ class Store:
             yield self._db
         except BaseException:
             self._db.execute("ROLLBACK")
+            self._superseded.clear()  # nothing was superseded after all
             raise
         self._db.execute("COMMIT")
 
@@ -320,7 +336,8 @@ class Store:
 
         Returns True if it was new. Raises :class:`IntegrityError` if the bytes
         do not hash to ``oid``, :class:`BadFrame` if it is malformed or does
-        not fit the blob that references it.
+        not fit the blob that references it, :class:`NotWanted` if no blob
+        references it (any more: its value was deleted or overwritten).
         """
         if object_id(sealed) != oid:
             raise IntegrityError(f"object {oid.hex()[:16]} does not match its hash")
@@ -333,8 +350,10 @@ class Store:
             blob = db.execute("SELECT size FROM blobs WHERE blob_id = ?", (oid,)).fetchone()
             if blob is not None:
                 self._check_blob_root(oid, sealed, kind, int(blob[0]))
+            elif not self._is_referenced_chunk(oid):
+                raise NotWanted(f"object {oid.hex()[:16]} is part of no value we keep")
             elif kind is ObjectKind.MANIFEST or not self._is_wanted_chunk(oid, len(sealed)):
-                raise BadFrame(f"object {oid.hex()[:16]} is not part of any blob we want")
+                raise BadFrame(f"object {oid.hex()[:16]} does not fit the blob that names it")
             self._store_object(oid, sealed, kind)
             self._refresh_completeness(oid)
         return True
@@ -364,6 +383,10 @@ class Store:
         self._db.execute(
             "UPDATE blobs SET chunk_count = ? WHERE blob_id = ?", (len(manifest.chunks), blob_id)
         )
+
+    def _is_referenced_chunk(self, oid: bytes) -> bool:
+        row = self._db.execute("SELECT 1 FROM blob_chunks WHERE chunk_id = ? LIMIT 1", (oid,))
+        return row.fetchone() is not None
 
     def _is_wanted_chunk(self, oid: bytes, sealed_size: int) -> bool:
         row = self._db.execute(
@@ -565,6 +588,7 @@ class Store:
                 meta=sealed_meta,
             )
             cursor = self._insert_verified(entry, meta)
+        self._release_superseded()
         return StoredEntry(cursor, entry, meta, True)
 
     def insert_entries(self, raws: Iterable[bytes], *, now_ms: int) -> InsertResult:
@@ -621,6 +645,7 @@ class Store:
                     log.warning("rejected malformed entry: %s", exc)
             checks.cancel_unused()
             self._insert_rows(rows)
+        self._release_superseded()
         return InsertResult(accepted, accepted_raws, duplicates, rejected)
 
     def _batch_feeds(self, incoming: Sequence[_Incoming]) -> dict[bytes, _Feed]:
@@ -722,22 +747,29 @@ class Store:
         # The head of a key is its entry with the highest (hlc, author); on a
         # tie the one stored first stays (as when inserting one by one).
         best: dict[bytes, tuple[int, bytes]] = {}
+        old_blob: dict[bytes, bytes] = {}  # key -> the blob of its head before this batch
         khashes = sorted({bytes(row[7]) for row in keyed if row[7] is not None})
         for start in range(0, len(khashes), _SQL_IN_CHUNK):
             part = khashes[start : start + _SQL_IN_CHUNK]
             marks = ",".join("?" * len(part))
-            for khash, hlc, author in db.execute(
-                "SELECT h.key_hash, e.hlc, e.author FROM heads h "
+            for khash, hlc, author, kind, blob in db.execute(
+                "SELECT h.key_hash, e.hlc, e.author, e.kind, e.blob FROM heads h "
                 f"JOIN entries e ON e.cursor = h.cursor WHERE h.key_hash IN ({marks})",
                 part,
             ):
                 best[bytes(khash)] = (int(hlc), bytes(author))
+                if int(kind) == Kind.PUT:
+                    old_blob[bytes(khash)] = bytes(blob)
         winners: dict[bytes, int] = {}
         for row in keyed:
             khash = row[7]
             assert khash is not None  # filtered above
             current = best.get(khash)
             if current is None or (row[3], row[1]) > current:
+                if khash in old_blob:  # the value that held the head (stored or this batch's)
+                    self._superseded.append(old_blob.pop(khash))
+                if row[4] == Kind.PUT and row[5] is not None:
+                    old_blob[khash] = row[5]
                 best[khash] = (row[3], row[1])
                 winners[khash] = cursor_of[(row[1], row[2])]
         db.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?)", list(winners.items()))
@@ -757,13 +789,22 @@ class Store:
             )
         if khash is not None:
             head = self._db.execute(
-                "SELECT e.hlc, e.author FROM heads h JOIN entries e ON e.cursor = h.cursor "
-                "WHERE h.key_hash = ?",
+                "SELECT e.hlc, e.author, e.kind, e.blob FROM heads h "
+                "JOIN entries e ON e.cursor = h.cursor WHERE h.key_hash = ?",
                 (khash,),
             ).fetchone()
             if head is None or (entry.hlc, entry.author.raw) > (int(head[0]), bytes(head[1])):
                 self._db.execute("INSERT OR REPLACE INTO heads VALUES (?, ?)", (khash, cursor))
+                if head is not None and int(head[2]) == Kind.PUT:
+                    self._superseded.append(bytes(head[3]))
         return cursor
+
+    def _release_superseded(self) -> None:
+        """Free the objects of values the last write made no longer live (after its commit)."""
+        superseded, self._superseded = self._superseded, []
+        for blob in dict.fromkeys(superseded):
+            result = self.release_blob(blob)
+            self.objects_released += result.objects_removed
 
     def _stored(self, row: Any) -> StoredEntry:
         cursor, raw, complete = row

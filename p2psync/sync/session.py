@@ -115,7 +115,7 @@ from typing import Any, Final, Protocol
 from p2psync import defaults
 from p2psync.crypto.group import GroupKeys, membership_mac, verify_membership_mac
 from p2psync.crypto.identity import BadSignature, Identity, NodeId, RandomBytes
-from p2psync.errors import BadFrame, IntegrityError, LocalProtocolError, NotFound
+from p2psync.errors import BadFrame, IntegrityError, LocalProtocolError, NotFound, NotWanted
 from p2psync.proto.messages import (
     CHALLENGE_SIZE,
     PROTOCOL_VERSION,
@@ -209,6 +209,7 @@ class SessionStats:
     objects_wanted: int = 0
     objects_stored: int = 0
     objects_unavailable: int = 0
+    objects_unwanted: int = 0  # arrived after their value stopped being live
     bad_objects: int = 0
 
 
@@ -554,6 +555,11 @@ class SyncSession:
         self._take_in_flight(oid)
         try:
             self._store.add_object(oid, sealed)
+        except NotWanted:
+            # Its value was deleted or overwritten while it travelled: ours to drop.
+            self.stats.objects_unwanted += 1
+            self._fill_wants(now)
+            return
         except (IntegrityError, BadFrame) as exc:
             self.stats.bad_objects += 1
             self._fail(ErrorCode.BAD_OBJECT, f"object {oid.hex()[:16]}: {exc}")

@@ -381,7 +381,8 @@ async def test_join_group_with_a_short_code_through_the_relay(tmp_path: Path) ->
 
 
 async def test_delete_frees_only_its_own_value(tmp_path: Path) -> None:
-    """A delete costs its value's objects, not a store-wide collection; shared chunks stay."""
+    """A delete or an overwrite costs its value's objects, not a store-wide collection;
+    shared chunks stay."""
     home = p2psync.init(tmp_path / "a")
     p2psync.create_group(home)
     chunk = defaults.CHUNK_SIZE
@@ -392,8 +393,11 @@ async def test_delete_frees_only_its_own_value(tmp_path: Path) -> None:
             await node.put(shared + b"drop", key="drop")  # shares the first chunk
             same = await node.put(shared + b"keep", key="same-as-keep")  # the same blob
             old = await node.put(os.urandom(2 * chunk), key="overwritten")
-            await node.put(b"new", key="overwritten")  # the old value: garbage for gc
             objects = node.store.stats()["objects"]
+            await node.put(b"new", key="overwritten")  # the old value's 3 objects go at once
+            assert not node.store.has_object(bytes.fromhex(str(old.blob)))
+            assert node.store.stats()["objects"] == objects - 3 + 1
+            objects -= 2
 
             await node.delete("drop")  # its manifest and its own last chunk go
             assert node.store.stats()["objects"] == objects - 2
@@ -403,11 +407,9 @@ async def test_delete_frees_only_its_own_value(tmp_path: Path) -> None:
             assert node.store.stats()["objects"] == objects - 2
             assert same.blob == keep.blob and await node.get(str(keep.blob)) == shared + b"keep"
 
-            # The overwritten value was left alone (a delete never scans the store);
-            # a full collection (`p2psync gc`) takes its manifest and two chunks.
-            assert node.store.has_object(bytes.fromhex(str(old.blob)))
+            # Nothing was left behind for a full collection (`p2psync gc`) to find.
             collected = await node.locked(node.store.gc)
-            assert collected.objects_removed == 3
+            assert collected.objects_removed == 0
             assert await node.get("keep") == shared + b"keep"
 
 
