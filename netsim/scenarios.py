@@ -1000,38 +1000,26 @@ def _unblock_udp(net: Network, host: str) -> None:
     net.run(host, ["nft", "delete", "table", "inet", BREAK_TABLE], name="unblock-direct")
 
 
-def direct_break(options: ScenarioOptions) -> ScenarioResult:
-    """``easy`` ↔ ``easy`` go direct; mid-transfer an nft rule on a drops all UDP between
-    a and b's public address. The pair must fall back to the relay within seconds (the
-    heartbeat's missed pongs) on the same connections, and the transfer must complete."""
+def _mid_transfer_scenario(
+    name: str,
+    params: Mapping[str, str],
+    options: ScenarioOptions,
+    steps: Callable[[SyncRun, Network], None],
+) -> ScenarioResult:
+    """Two sites, nodes a and b; ``steps`` starts relayd and the daemons and changes the
+    network mid-transfer; then every file must arrive intact (the shape of
+    ``direct-break`` and ``relay-upgrade``)."""
     started = time.monotonic()
-    params = {"a": str(options.a), "b": str(options.b), "file": f"{BREAK_PAYLOAD_SIZE >> 20} MiB"}
-    progress = options.progress
     topology = _two_sites(options.a, options.b)
     with _scratch() as scratch, build(topology, output_base=options.output_base) as net:
-        progress(f"direct-break: built run {net.run_id} (logs in {net.output_dir})")
-        run = SyncRun(net, scratch, progress)
+        options.progress(f"{name}: built run {net.run_id} (logs in {net.output_dir})")
+        run = SyncRun(net, scratch, options.progress)
         watches = run.watch_pairs((("a", "b"),))
         synced = False
         relayed: int | None = None
         try:
             run.create_nodes(("a", "b"))
-            run.start_relay()
-            run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
-            direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
-            if direct_at is None:
-                raise ScenarioError("the pair never went direct before the break")
-            run.put_files("big", BREAK_PAYLOAD_SIZE)
-            run.wait_transfer_started("b", timeout_s=options.timeout_s)
-            broke = time.monotonic() - run.t0
-            _block_udp(net, "a", "b")
-            progress(f"direct-break: direct path dropped at {broke:.1f} s")
-            relay_at = run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s)
-            if relay_at is not None:
-                run.notes.append(
-                    f"direct at {direct_at:.1f} s; dropped at {broke:.1f} s; on the relay "
-                    f"{relay_at - broke:.1f} s later"
-                )
+            steps(run, net)
             synced = run.wait_synced(watches, timeout_s=options.timeout_s, settle_s=0)
             if synced:
                 problems = run.verify_contents()
@@ -1045,7 +1033,7 @@ def direct_break(options: ScenarioOptions) -> ScenarioResult:
             run.stop_daemons()
             run.stop_relay()
         return _result(
-            "direct-break",
+            name,
             params,
             synced=synced,
             watches=watches,
@@ -1054,6 +1042,33 @@ def direct_break(options: ScenarioOptions) -> ScenarioResult:
             net=net,
             started=started,
         )
+
+
+def direct_break(options: ScenarioOptions) -> ScenarioResult:
+    """``easy`` ↔ ``easy`` go direct; mid-transfer an nft rule on a drops all UDP between
+    a and b's public address. The pair must fall back to the relay within seconds (the
+    heartbeat's missed pongs) on the same connections, and the transfer must complete."""
+
+    def steps(run: SyncRun, net: Network) -> None:
+        run.start_relay()
+        run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
+        direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
+        if direct_at is None:
+            raise ScenarioError("the pair never went direct before the break")
+        run.put_files("big", BREAK_PAYLOAD_SIZE)
+        run.wait_transfer_started("b", timeout_s=options.timeout_s)
+        broke = time.monotonic() - run.t0
+        _block_udp(net, "a", "b")
+        options.progress(f"direct-break: direct path dropped at {broke:.1f} s")
+        relay_at = run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s)
+        if relay_at is not None:
+            run.notes.append(
+                f"direct at {direct_at:.1f} s; dropped at {broke:.1f} s; on the relay "
+                f"{relay_at - broke:.1f} s later"
+            )
+
+    params = {"a": str(options.a), "b": str(options.b), "file": f"{BREAK_PAYLOAD_SIZE >> 20} MiB"}
+    return _mid_transfer_scenario("direct-break", params, options, steps)
 
 
 UPGRADE_PAYLOAD_SIZE = 24 * 1024 * 1024
@@ -1068,66 +1083,36 @@ def relay_upgrade(options: ScenarioOptions) -> ScenarioResult:
     the relay (held to :data:`UPGRADE_RELAY_RATE`) and a 24 MiB transfer from a begins
     there; then the drop rule goes. The next punching attempt must move the same
     connection to a direct path mid-transfer, and every byte must arrive."""
-    started = time.monotonic()
+
+    def steps(run: SyncRun, net: Network) -> None:
+        run.start_relay(
+            "[limits]\n"
+            f"bytes_per_second = {UPGRADE_RELAY_RATE}\n"
+            f"byte_burst = {UPGRADE_RELAY_RATE}\n"
+        )
+        _block_udp(net, "a", "b")
+        run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
+        if run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s) is None:
+            raise ScenarioError("the pair never met on the relay")
+        run.put_files_on("a", "big", UPGRADE_PAYLOAD_SIZE)
+        run.wait_transfer_started("b", timeout_s=options.timeout_s)
+        opened = time.monotonic() - run.t0
+        _unblock_udp(net, "a")
+        options.progress(f"relay-upgrade: direct UDP allowed at {opened:.1f} s, mid-transfer")
+        direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
+        if direct_at is not None:
+            late = " (after the transfer had finished)" if run.transfer_complete("b") else ""
+            run.notes.append(
+                f"allowed at {opened:.1f} s; direct {direct_at - opened:.1f} s later{late}"
+            )
+
     params = {
         "a": str(options.a),
         "b": str(options.b),
         "file": f"{UPGRADE_PAYLOAD_SIZE >> 20} MiB",
         "relay rate": f"{UPGRADE_RELAY_RATE >> 20} MiB/s",
     }
-    progress = options.progress
-    topology = _two_sites(options.a, options.b)
-    with _scratch() as scratch, build(topology, output_base=options.output_base) as net:
-        progress(f"relay-upgrade: built run {net.run_id} (logs in {net.output_dir})")
-        run = SyncRun(net, scratch, progress)
-        watches = run.watch_pairs((("a", "b"),))
-        synced = False
-        relayed: int | None = None
-        try:
-            run.create_nodes(("a", "b"))
-            run.start_relay(
-                "[limits]\n"
-                f"bytes_per_second = {UPGRADE_RELAY_RATE}\n"
-                f"byte_burst = {UPGRADE_RELAY_RATE}\n"
-            )
-            _block_udp(net, "a", "b")
-            run.start_daemons({"a": ("b",), "b": ("a",)}, _public)
-            if run.wait_path("a", "b", ("relay",), timeout_s=options.timeout_s) is None:
-                raise ScenarioError("the pair never met on the relay")
-            run.put_files_on("a", "big", UPGRADE_PAYLOAD_SIZE)
-            run.wait_transfer_started("b", timeout_s=options.timeout_s)
-            opened = time.monotonic() - run.t0
-            _unblock_udp(net, "a")
-            progress(f"relay-upgrade: direct UDP allowed at {opened:.1f} s, mid-transfer")
-            direct_at = run.wait_path("a", "b", ("direct",), timeout_s=options.timeout_s)
-            if direct_at is not None:
-                complete = run.transfer_complete("b")
-                run.notes.append(
-                    f"allowed at {opened:.1f} s; direct {direct_at - opened:.1f} s later"
-                    + ("" if not complete else " (after the transfer had finished)")
-                )
-            synced = run.wait_synced(watches, timeout_s=options.timeout_s, settle_s=0)
-            if synced:
-                problems = run.verify_contents()
-                run.notes += problems
-                synced = not problems
-            relayed = run.relayed_bytes()
-        except NetsimError as exc:
-            run.notes.append(f"scenario failed: {exc}")
-            synced = False
-        finally:
-            run.stop_daemons()
-            run.stop_relay()
-        return _result(
-            "relay-upgrade",
-            params,
-            synced=synced,
-            watches=watches,
-            relayed_bytes=relayed,
-            notes=run.notes,
-            net=net,
-            started=started,
-        )
+    return _mid_transfer_scenario("relay-upgrade", params, options, steps)
 
 
 def _mailbox(options: ScenarioOptions) -> ScenarioResult:
