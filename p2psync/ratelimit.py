@@ -18,9 +18,9 @@ so a per-address limit would be no limit at all. IPv4 stays per address
 (and an IPv4-mapped IPv6 address counts as its IPv4 address).
 
 Everything takes ``now`` (any monotonic seconds); nothing here reads a
-clock. relayd has its own buckets in :mod:`relayd.state`; this module is
-the node's, and :func:`source_key` is shared by both (relayd may import
-p2psync, never the reverse).
+clock. relayd's tables (:mod:`relayd.state`) build on this module's
+:class:`TokenBucket` and :func:`source_key` (relayd may import p2psync,
+never the reverse).
 """
 
 from __future__ import annotations
@@ -56,11 +56,18 @@ def source_key(ip: str, ipv6_prefix: int) -> str:
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved; starts full."""
+    """Classic token bucket: ``rate`` tokens per second, at most ``burst`` saved.
+
+    Starts full. ``take(now, n)`` spends ``n`` tokens and returns True, or
+    spends nothing and returns False. Over any interval of length ``t`` a
+    bucket grants at most ``burst + rate * t`` tokens. Time going backwards
+    (or standing still) never creates tokens. The one token bucket of the
+    project: relayd's limits (:mod:`relayd.state`) use it too.
+    """
 
     __slots__ = ("_last", "_tokens", "burst", "rate")
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float = 0.0) -> None:
         if rate < 0 or burst <= 0:
             raise LocalProtocolError("a token bucket needs rate >= 0 and burst > 0")
         self.rate = float(rate)
@@ -69,15 +76,16 @@ class TokenBucket:
         self._last = now
 
     def available(self, now: float) -> float:
+        """Tokens that could be spent at ``now``."""
         if now > self._last:
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
         return self._tokens
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
-        if self.available(now) >= 1.0:
-            self._tokens -= 1.0
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """Spend ``n`` tokens at time ``now`` if there are enough."""
+        if n <= self.available(now):
+            self._tokens -= n
             return True
         return False
 

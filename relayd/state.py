@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from p2psync.errors import LocalProtocolError
+from p2psync.ratelimit import TokenBucket
 
 __all__ = [
     "ConnectionCounter",
@@ -36,43 +37,6 @@ __all__ = [
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-class TokenBucket:
-    """Classic token bucket: ``rate`` tokens per second, at most ``burst`` saved.
-
-    Starts full. ``take(now, n)`` spends ``n`` tokens and returns True, or
-    spends nothing and returns False. Over any interval of length ``t`` a
-    bucket grants at most ``burst + rate * t`` tokens.
-    """
-
-    __slots__ = ("_last", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float, burst: float, now: float = 0.0) -> None:
-        if rate < 0 or burst <= 0:
-            raise LocalProtocolError("token bucket needs rate >= 0 and burst > 0")
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._last = now
-
-    def _refill(self, now: float) -> None:
-        if now > self._last:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-
-    def take(self, now: float, n: float = 1.0) -> bool:
-        """Spend ``n`` tokens at time ``now`` if there are enough."""
-        self._refill(now)
-        if n <= self._tokens:
-            self._tokens -= n
-            return True
-        return False
-
-    def available(self, now: float) -> float:
-        """Tokens that could be spent at ``now``."""
-        self._refill(now)
-        return self._tokens
 
 
 class LruTable(Generic[K, V]):
