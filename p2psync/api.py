@@ -50,7 +50,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -450,29 +450,63 @@ class BlobReader:
     Each chunk is read, verified and decrypted in a worker thread; at most
     one chunk is in memory. Errors (not found, pending, corrupt) surface on
     the first iteration.
+
+    The reader sees the value the key held at its first chunk, whole: the
+    store pins that blob (:meth:`p2psync.store.Store.iter_blob`), so an
+    overwrite or delete meanwhile frees the old value only when the reader
+    is done. It is done at its end, on an error, or when closed: a reader
+    you stop early should be closed (``async with node.get_stream(key) as
+    reader: async for chunk in reader: ...``, or ``await reader.aclose()``).
     """
 
     def __init__(self, node: Node, target: str) -> None:
         self._node = node
         self._target = target
-        self._chunks: Iterator[bytes] | None = None
+        self._chunks: Generator[bytes, None, None] | None = None
+        self._done = False
         self.bytes_read = 0
 
     def __aiter__(self) -> BlobReader:
         return self
 
-    async def __anext__(self) -> bytes:
-        node = self._node
-        if self._chunks is None:
-            from p2psync import ops
+    async def __aenter__(self) -> BlobReader:
+        return self
 
-            blob = await node.locked(ops.resolve_blob, node.store, self._target)
-            self._chunks = node.store.iter_blob(blob)
-        chunk = await node.locked(next, self._chunks, None)
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _first(self) -> bytes | None:
+        """Resolve and read the first chunk in one store call: no write slips between."""
+        from p2psync import ops
+
+        store = self._node.store
+        self._chunks = store.iter_blob(ops.resolve_blob(store, self._target))
+        return next(self._chunks, None)
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._chunks is None:
+                chunk = await self._node.locked(self._first)
+            else:
+                chunk = await self._node.locked(next, self._chunks, None)
+        except BaseException:
+            await self.aclose()
+            raise
         if chunk is None:
+            self._done = True  # the iterator ran out: its pin is already gone
             raise StopAsyncIteration
         self.bytes_read += len(chunk)
         return chunk
+
+    async def aclose(self) -> None:
+        """Stop reading; the store frees the value now if it is no longer live."""
+        self._done = True
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            with trio.CancelScope(shield=True):  # the pin must go even when cancelled
+                await self._node.locked(chunks.close)
 
 
 Progress = Callable[[int], None]

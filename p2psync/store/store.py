@@ -30,6 +30,14 @@ entry is committed, whether or not any peer is reachable.
   An object still on its way for such a value is refused with
   :class:`~p2psync.errors.NotWanted` (nobody's fault). :meth:`Store.gc`
   sweeps what is left (files of crashed writes, pre-existing garbage).
+- **Readers pin what they read.** :meth:`Store.iter_blob` of a multi-chunk
+  blob records a row in ``blob_readers`` (in the database, so a CLI ``get``
+  pins against a daemon's overwrite too) before its first chunk and deletes
+  it when the iterator ends or is closed. :meth:`Store.release_blob` leaves a
+  pinned blob - and any chunk a pinned blob shares - alone; the reader that
+  unpins last frees it. So a reader sees the value it started with, whole,
+  even if the key is overwritten or deleted mid-read. A pin whose process
+  died is stale and is dropped when met (the pid is recorded).
 
 Concurrency: one writer at a time per home (``BEGIN IMMEDIATE``); the CLI
 and a daemon may both open the store, SQLite's busy timeout serialises them.
@@ -41,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +160,14 @@ CREATE TABLE IF NOT EXISTS peer_seen (
     node_id BLOB PRIMARY KEY,   -- the peer's NodeId
     seen_ms INTEGER NOT NULL    -- unix ms it was last seen connected
 ) STRICT;
+-- Added after schema 1 shipped (additive): blobs being read right now, which
+-- release_blob and gc keep until the reader is done (any process of this home).
+CREATE TABLE IF NOT EXISTS blob_readers (
+    reader  INTEGER PRIMARY KEY AUTOINCREMENT,
+    blob_id BLOB NOT NULL,
+    pid     INTEGER NOT NULL    -- the reading process: its pin is stale once it died
+) STRICT;
+CREATE INDEX IF NOT EXISTS blob_readers_by_blob ON blob_readers (blob_id);
 """
 
 
@@ -230,11 +246,22 @@ class Store:
         self._verify_pool: ThreadPoolExecutor | None = None  # made on first big batch
         self._superseded: list[bytes] = []  # blobs the write in progress made not live
         self.objects_released = 0  # objects freed because their value stopped being live
+        self._our_pins: set[int] = set()  # blob_readers rows of iterators still open
+        self._closed = False
 
     def close(self) -> None:
+        if self._closed:
+            return
         if self._verify_pool is not None:
             self._verify_pool.shutdown(wait=False, cancel_futures=True)
             self._verify_pool = None
+        if self._our_pins:  # iterators left open: their pins must not outlive us
+            with self._write() as db:
+                db.executemany(
+                    "DELETE FROM blob_readers WHERE reader = ?", [(r,) for r in self._our_pins]
+                )
+            self._our_pins.clear()
+        self._closed = True
         self._db.close()
 
     def __enter__(self) -> Store:
@@ -512,10 +539,15 @@ class Store:
         row = self._db.execute("SELECT size FROM blobs WHERE blob_id = ?", (blob_id,)).fetchone()
         return None if row is None else int(row[0])
 
-    def iter_blob(self, blob_id: bytes) -> Iterator[bytes]:
-        """Yield the plaintext of a complete blob chunk by chunk, verifying each."""
+    def iter_blob(self, blob_id: bytes) -> Generator[bytes, None, None]:
+        """Yield the plaintext of a complete blob chunk by chunk, verifying each.
+
+        A multi-chunk blob is pinned from the first chunk until the iterator
+        is exhausted or closed (see the module doc): close an iterator you
+        abandon (``.close()``), from the thread that uses the store.
+        """
         row = self._db.execute(
-            "SELECT size, complete FROM blobs WHERE blob_id = ?", (blob_id,)
+            "SELECT size, complete, chunk_count FROM blobs WHERE blob_id = ?", (blob_id,)
         ).fetchone()
         if row is None:
             raise NotFound(f"blob {blob_id.hex()[:16]} is not known here")
@@ -525,6 +557,51 @@ class Store:
                 f"blob {blob_id.hex()[:16]} is still syncing ({done} of {needed} parts here)"
             )
         size = int(row[0])
+        if row[2] is not None and int(row[2]) > 1:
+            reader = self._pin(blob_id)
+            try:
+                yield from self._iter_complete_blob(blob_id, size)
+            finally:
+                self._unpin(reader, blob_id)
+        else:  # one chunk: read in one go below, nothing to pin
+            yield from self._iter_complete_blob(blob_id, size)
+
+    def _pin(self, blob_id: bytes) -> int:
+        """Record a reader of ``blob_id`` (still complete: checked in the same transaction)."""
+        with self._write() as db:
+            row = db.execute("SELECT complete FROM blobs WHERE blob_id = ?", (blob_id,)).fetchone()
+            if row is None or not row[0]:  # freed or gone bad since the caller looked
+                raise NotFound(f"blob {blob_id.hex()[:16]} is no longer here (changed meanwhile)")
+            reader = db.execute(
+                "INSERT INTO blob_readers (blob_id, pid) VALUES (?, ?)", (blob_id, os.getpid())
+            ).lastrowid
+        assert reader is not None  # sqlite always sets it after INSERT
+        self._our_pins.add(reader)
+        return reader
+
+    def _unpin(self, reader: int, blob_id: bytes) -> None:
+        """Drop a reader's pin; the last reader of a value no longer live frees it."""
+        if reader not in self._our_pins or self._closed:
+            return  # close() already dropped it
+        self._our_pins.discard(reader)
+        with self._write() as db:
+            db.execute("DELETE FROM blob_readers WHERE reader = ?", (reader,))
+            free = not self._is_live_blob(db, blob_id) and not self._is_pinned(db, blob_id)
+        if free:
+            self.objects_released += self.release_blob(blob_id).objects_removed
+
+    def _is_pinned(self, db: sqlite3.Connection, blob_id: bytes) -> bool:
+        """Some reader holds ``blob_id``; drops the pins of processes that died."""
+        ours = os.getpid()
+        for reader, pid in db.execute(
+            "SELECT reader, pid FROM blob_readers WHERE blob_id = ?", (blob_id,)
+        ).fetchall():
+            if int(pid) == ours or _process_alive(int(pid)):
+                return True
+            db.execute("DELETE FROM blob_readers WHERE reader = ?", (reader,))
+        return False
+
+    def _iter_complete_blob(self, blob_id: bytes, size: int) -> Iterator[bytes]:
         root = self.read_object(blob_id)
         kind, _ = read_header_untrusted(root)
         if kind is ObjectKind.CHUNK:
@@ -964,11 +1041,12 @@ class Store:
         """Free one blob's objects if no live value references it (what a delete costs).
 
         Work is proportional to this blob's chunks, not to the store: a chunk
-        another live blob shares (equal chunks dedupe) is kept. Everything
-        else unreferenced (overwritten values, stray files) waits for :meth:`gc`.
+        another live or pinned blob shares (equal chunks dedupe) is kept. A
+        blob being read (pinned) is kept whole: its last reader frees it.
+        Everything else unreferenced (stray files) waits for :meth:`gc`.
         """
         with self._write() as db:
-            if self._is_live_blob(db, blob_id):
+            if self._is_live_blob(db, blob_id) or self._is_pinned(db, blob_id):
                 return GcResult(0, 0)
             chunks = [
                 bytes(r[0])
@@ -976,18 +1054,19 @@ class Store:
                     "SELECT chunk_id FROM blob_chunks WHERE blob_id = ?", (blob_id,)
                 )
             ]
+
+            def kept(blob: bytes) -> bool:
+                return self._is_live_blob(db, blob) or self._is_pinned(db, blob)
+
             doomed: list[tuple[bytes, int]] = []
             for oid in dict.fromkeys([blob_id, *chunks]):
-                if oid != blob_id and (
-                    self._is_live_blob(db, oid)
-                    or any(
-                        self._is_live_blob(db, bytes(r[0]))
-                        for r in db.execute(
-                            "SELECT DISTINCT blob_id FROM blob_chunks "
-                            "WHERE chunk_id = ? AND blob_id != ?",
-                            (oid, blob_id),
-                        ).fetchall()
-                    )
+                if (oid != blob_id and kept(oid)) or any(
+                    kept(bytes(r[0]))
+                    for r in db.execute(
+                        "SELECT DISTINCT blob_id FROM blob_chunks "
+                        "WHERE chunk_id = ? AND blob_id != ?",
+                        (oid, blob_id),
+                    ).fetchall()
                 ):
                     continue
                 row = db.execute("SELECT size FROM objects WHERE object_id = ?", (oid,)).fetchone()
@@ -1011,6 +1090,11 @@ class Store:
                     (int(Kind.PUT),),
                 )
             }
+            read_now = {  # being read: kept like live values (their readers free them)
+                bytes(r[0])
+                for r in db.execute("SELECT DISTINCT blob_id FROM blob_readers").fetchall()
+            }
+            live |= {blob for blob in read_now if self._is_pinned(db, blob)}
             keep = set(live)
             for blob_id in live:
                 keep.update(
@@ -1044,6 +1128,17 @@ class Store:
                 removed += 1
         self.files.clean_temp()
         return GcResult(removed, freed)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 # An ``entries`` row: entry_id, author, seq, hlc, kind, blob, size, key_hash, raw.

@@ -430,3 +430,66 @@ async def test_get_wait_returns_when_the_value_lands_not_at_the_next_status_samp
                 with pytest.raises(BlobPending):
                     await a.get("late.bin")
                 assert await a.get("late.bin", wait=True) == big  # not after 3600 s
+
+
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+async def test_a_reader_finishes_the_value_it_started_while_the_key_changes(
+    tmp_path: Path, change: str
+) -> None:
+    """get_stream pins its blob: an overwrite or delete mid-read frees it only after the read."""
+    home = p2psync.init(tmp_path / "a")
+    p2psync.create_group(home)
+    original = os.urandom(3 * defaults.CHUNK_SIZE + 17)  # 4 chunks + a manifest
+    with trio.fail_after(60):
+        async with p2psync.open_node(home, NodeOptions(listen=LOOPBACK)) as node:
+            old = await node.put(original, key="k")
+            old_blob = bytes.fromhex(str(old.blob))
+            objects = node.store.stats()["objects"]
+            async with node.get_stream("k") as reader:
+                chunks = [await reader.__anext__()]
+                if change == "overwrite":
+                    await node.put(b"new", key="k")
+                    added = 1
+                else:
+                    await node.delete("k")
+                    added = 0
+                # Still pinned: nothing of the old value went.
+                assert node.store.has_object(old_blob)
+                assert node.store.stats()["objects"] == objects + added
+                chunks += [chunk async for chunk in reader]
+            assert b"".join(chunks) == original
+            # The reader was the last to hold it: the value's 5 objects are gone now.
+            assert not node.store.has_object(old_blob)
+            assert node.store.stats()["objects"] == objects + added - 5
+            assert (await node.locked(node.store.gc)).objects_removed == 0
+
+
+async def test_a_reader_closed_early_frees_the_value_and_other_store_handles_pin_too(
+    tmp_path: Path,
+) -> None:
+    """A reader stopped early unpins on close; a second Store on the home (as the CLI
+    opens one beside a daemon) pins through the database, which the node respects."""
+    home = p2psync.init(tmp_path / "a")
+    p2psync.create_group(home)
+    original = os.urandom(2 * defaults.CHUNK_SIZE + 1)  # 3 chunks + a manifest
+    with trio.fail_after(60):
+        async with p2psync.open_node(home, NodeOptions(listen=LOOPBACK)) as node:
+            old = await node.put(original, key="k")
+            old_blob = bytes.fromhex(str(old.blob))
+
+            reader = node.get_stream("k")
+            assert len(await reader.__anext__()) == defaults.CHUNK_SIZE
+            await node.put(b"v2", key="k")
+            assert node.store.has_object(old_blob)
+            await reader.aclose()  # stopped after one chunk
+            assert not node.store.has_object(old_blob)
+
+            again = await node.put(original, key="k")
+            with home.open_store() as cli_store:  # another handle, as `p2psync get` has
+                chunks = cli_store.iter_blob(bytes.fromhex(str(again.blob)))
+                first = await trio.to_thread.run_sync(next, chunks)
+                await node.delete("k")  # the node's own store honours the other's pin
+                rest = await trio.to_thread.run_sync(lambda: b"".join(chunks))
+                assert first + rest == original
+                # The reader that unpinned last (the other handle) freed the value.
+                assert not node.store.has_object(bytes.fromhex(str(again.blob)))
