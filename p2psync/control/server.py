@@ -280,7 +280,9 @@ class ControlServer:
     def _error_reply(self, request_id: RequestId, exc: BaseException) -> bytes:
         self.errors += 1
         if isinstance(exc, ControlError):
-            return error_line(exc.request_id or request_id, exc.code, exc.message)
+            # 0 and "" are ids too: only a missing one falls back
+            known = exc.request_id if exc.request_id is not None else request_id
+            return error_line(known, exc.code, exc.message)
         if isinstance(exc, P2PSyncError):
             return error_line(request_id, code_for(exc), str(exc))
         if isinstance(exc, OSError):

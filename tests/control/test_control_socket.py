@@ -114,15 +114,21 @@ async def test_malformed_lines_get_errors_and_the_connection_survives(tmp_path: 
                 b'{"method": "echo"}\n'
                 b'{"id": null, "method": "echo"}\n'
                 b'{"id": true, "method": "echo"}\n'
+                b'{"id": 0, "method": 7}\n'  # falsy ids are ids: echoed, not null
+                b'{"id": "", "method": "echo", "params": []}\n'
+                b'{"id": 0, "method": "nope"}\n'
                 b'{"id": 9, "method": "echo", "params": {"ok": true}}\n'
             )
-            replies = await trio.to_thread.run_sync(raw_exchange, path, payload, 9)
-            codes = [r.get("error", {}).get("code") for r in replies[:8]]
-            assert codes == ["bad-request"] * 8
-            assert [r["id"] for r in replies[:8]] == [None, None, 5, 6, None, None, None, None]
+            replies = await trio.to_thread.run_sync(raw_exchange, path, payload, 12)
+            codes = [r.get("error", {}).get("code") for r in replies[:11]]
+            assert codes == ["bad-request"] * 10 + ["unknown-method"]
+            assert [r["id"] for r in replies[:11]] == [
+                *(None, None, 5, 6, None, None, None, None),
+                *(0, "", 0),
+            ]
             assert "needs an 'id'" in replies[5]["error"]["message"]
             assert "needs an 'id'" in replies[6]["error"]["message"]
-            assert replies[8] == {"id": 9, "result": {"echo": {"ok": True}}}
+            assert replies[11] == {"id": 9, "result": {"echo": {"ok": True}}}
             nursery.cancel_scope.cancel()
 
 
