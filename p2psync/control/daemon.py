@@ -14,6 +14,8 @@ JSON. docs/control-api.md is the reference with examples; in short
     pull       {after?, limit?}            -> {changes: [entry, ...], cursor, more}
     status     {}                          -> node status (peers, transfers, relay, counters)
     peers      {}                          -> [peer, ...]
+    devices    {}                          -> [device, ...]   the group's members: name,
+                                                                NodeId, added by/when, last seen
     whoami     {}                          -> {node_id, name, group_id, home}
     invite     {lifetime?, short?}         -> {ticket, expires}, or with short: true
                                            {code, expires, relay, lan, relay_problem}
@@ -42,7 +44,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -62,7 +65,7 @@ from p2psync.control.protocol import (
     param_str_list,
 )
 from p2psync.control.server import ControlServer, EmitEvent
-from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, JoinRefused
+from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, Device, JoinRefused, devices_from_members
 
 if TYPE_CHECKING:
     from p2psync.node import Node
@@ -113,6 +116,42 @@ async def with_progress(
         nursery.cancel_scope.cancel()
     await emit({"type": "progress", **meter.progress.to_json(), "finished": True})
     return result
+
+
+def device_rows(
+    devices: Sequence[Device],
+    ours: str,
+    peers: Mapping[str, Mapping[str, Any]],
+    stored_seen: Mapping[str, float],
+    now: float,
+) -> list[JsonObject]:
+    """The rows of ``devices`` (control API and ``p2psync devices --json``).
+
+    ``peers`` are **peer** objects by NodeId (a running node's view),
+    ``stored_seen`` the unix times the store recorded (``Store.peers_seen``).
+    ``last_seen`` is ``now`` for this device and connected ones, else the
+    latest time either source knows, or None.
+    """
+    rows = []
+    for device in devices:
+        peer = peers.get(device.node_id, {})
+        this = device.node_id == ours
+        connected = peer.get("path") not in (None, "none")
+        if this or connected:
+            last_seen: float | None = now
+        else:
+            times = [t for t in (peer.get("last_seen"), stored_seen.get(device.node_id)) if t]
+            last_seen = max(times) if times else None
+        rows.append(
+            {
+                **device.to_json(),
+                "this_device": this,
+                "connected": None if this else connected,
+                "path": peer.get("path"),
+                "last_seen": last_seen,
+            }
+        )
+    return rows
 
 
 def control_server_for(node: Node) -> ControlServer:
@@ -221,6 +260,15 @@ def control_server_for(node: Node) -> ControlServer:
     async def peers(params: JsonObject, emit: EmitEvent) -> Any:
         return [peer.to_json() for peer in node.peers()]
 
+    async def devices(params: JsonObject, emit: EmitEvent) -> Any:
+        def read() -> tuple[list[Device], dict[str, float]]:
+            seen = {str(n): ms / 1000 for n, ms in node.store.peers_seen().items()}
+            return devices_from_members(node.store.members()), seen
+
+        members, stored_seen = await node.locked(read)
+        peers = {peer.node_id: peer.to_json() for peer in node.peers()}
+        return device_rows(members, str(node.node_id), peers, stored_seen, time.time())
+
     async def whoami(params: JsonObject, emit: EmitEvent) -> Any:
         state = node.status()
         return {
@@ -264,6 +312,7 @@ def control_server_for(node: Node) -> ControlServer:
             "pull": pull,
             "status": status,
             "peers": peers,
+            "devices": devices,
             "whoami": whoami,
             "invite": invite,
             "revoke-invite": revoke_invite,

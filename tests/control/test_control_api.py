@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from p2psync import defaults
+from p2psync import defaults, ops
 from p2psync.control.client import DaemonError, connect_if_running
 from p2psync.control.daemon import control_server_for
 from p2psync.control.protocol import SOCKET_NAME
@@ -31,6 +31,8 @@ from p2psync.control.server import ControlServer
 from p2psync.crypto.group import GroupSecret
 from p2psync.home import Home
 from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+from p2psync.proto.entry import Kind
+from p2psync.store.objects import Meta
 from relayd.config import HostPort, RelaydConfig
 from relayd.relay import RelaydAddresses
 from relayd.relay import serve as relayd_serve
@@ -465,3 +467,55 @@ async def test_a_broken_config_is_a_config_error(home: Home) -> None:
     assert reply["id"] == 1 and reply["error"]["code"] == "config"
     assert "config.toml" in reply["error"]["message"]
     assert "not valid TOML" in reply["error"]["message"]
+
+
+async def test_devices_lists_members_who_added_them_and_when_each_was_seen(
+    tmp_path: Path,
+) -> None:
+    """``devices``: the rows of `p2psync devices --json`, live from the daemon."""
+    a_home = Home(tmp_path / "a")
+    a_home.init(os.urandom, name="laptop")
+    secret = ops.create_group(a_home)  # records the laptop as the first member
+    b_home = Home(tmp_path / "b")
+    b_home.init(os.urandom, name="phone")
+    b_home.save_secret(secret)
+    a_id, b_id = str(a_home.load_identity().node_id), str(b_home.load_identity().node_id)
+    with a_home.open_store() as store:  # what the laptop records when the phone joins
+        member = Meta(
+            key="", content_type="device", name="phone", app={"node_id": b_id, "added_by": a_id}
+        )
+        store.append(Kind.MEMBER, member, now_ms=ops.now_ms())
+
+    def phone(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        (row,) = [r for r in rows if r["node_id"] == b_id]
+        return row
+
+    with trio.fail_after(60):
+        async with daemon(a_home, NodeOptions(listen=LOOPBACK)) as (a, _):
+            c = await in_thread(Line, a_home.path / SOCKET_NAME)
+            before = time.time()
+            rows = (await in_thread(c.call, "devices"))["result"]
+            assert [(r["name"], r["node_id"], r["added_by"]) for r in rows] == [
+                ("laptop", a_id, None),
+                ("phone", b_id, a_id),
+            ]
+            assert rows[0]["this_device"] and rows[0]["connected"] is None
+            assert rows[0]["last_seen"] >= before
+            assert all(abs(r["added_ms"] / 1000 - before) < 60 for r in rows)
+            assert phone(rows)["connected"] is False and phone(rows)["last_seen"] is None
+
+            async def devices_once(check: Callable[[dict[str, Any]], bool]) -> Any:
+                """Ask ``devices`` until the phone's row passes ``check`` (no event for it)."""
+                while True:
+                    rows = (await in_thread(c.call, "devices"))["result"]
+                    if check(phone(rows)):
+                        return rows
+                    await trio.sleep(0.05)
+
+            peer_a = StaticPeer(a.node_id, ("127.0.0.1", a.endpoint.local_address[1]))
+            async with open_node(b_home, NodeOptions(listen=LOOPBACK, peers=(peer_a,))):
+                rows = await devices_once(lambda row: bool(row["connected"]))
+                assert phone(rows)["path"] == "direct" and not phone(rows)["this_device"]
+            rows = await devices_once(lambda row: not row["connected"])
+            assert phone(rows)["last_seen"] >= before  # when the phone was last connected
+            c.close()
