@@ -21,7 +21,10 @@ prints the CLI command that does the same.
 5. Every file of the three homes and of relayd's data directory is searched
    for the plaintext: only ciphertext is stored.
 
-Everything is then stopped; the exit code is 0 if every step held.
+Everything is then stopped; the exit code is 0 if every step held: a pair
+that never connected is a failure (the sync still goes through the third
+device), and a step that does not finish within ``STEP_TIMEOUT`` ends the
+tour with one ``FAILED`` line and exit code 1 (no traceback).
 ``--keep`` leaves the homes for exploring.
 """
 
@@ -31,8 +34,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -59,6 +62,10 @@ CONNECT_TIMEOUT = 30.0  # a pair not connected by then is reported, with why
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+class _StepTimedOut(Exception):
+    """A step of the tour did not finish in time (reported in one line, not a traceback)."""
 
 
 def _files_containing(roots: list[Path], needle: bytes) -> list[Path]:
@@ -108,6 +115,17 @@ class _Tour:
         self.paths: dict[str, _Paths] = {name: _Paths() for name in NAMES}
         self.ok = True
         self.big = b""  # the 20 MiB file's content, once written
+        self.timed_out: str | None = None  # the step that ran out of time, if one did
+
+    @contextmanager
+    def deadline(self, step: str) -> Iterator[None]:
+        """``trio.fail_after(STEP_TIMEOUT)`` that records which step ran out of time."""
+        try:
+            with trio.fail_after(STEP_TIMEOUT):
+                yield
+        except trio.TooSlowError:
+            self.timed_out = f"{step} did not finish within {STEP_TIMEOUT:g}s"
+            raise _StepTimedOut(self.timed_out) from None
 
     def fail(self, why: str) -> None:
         self.ok = False
@@ -121,19 +139,26 @@ class _Tour:
         _say("p2psync demo: a relay and three devices pair and sync, end-to-end encrypted.")
         _say(f"Everything runs in this process, on loopback, under {self.workdir}")
         _say()
-        async with _relayd(self.workdir / "relayd") as relay, trio.open_nursery() as nursery:
-            relay_text = f"{relay.node_id}@{relay.udp[0]}:{relay.udp[1]}"
-            _say(f"  relayd  {relay.node_id} on udp {relay.udp[0]}:{relay.udp[1]}")
-            _say("          (RELAY below: its NODEID@HOST:PORT, what devices are told)")
-            for name in NAMES:
-                _say(f"  {name:<7} {self.homes[name].load_identity().node_id}")
-            _say(f"  group   {group} (created on the laptop: p2psync group create)")
-            await self.pair(relay_text, nursery)
-            before = await self.show_paths()
-            await self.sync()
-            self.paths_after(before)
-            await self.delete()
-            nursery.cancel_scope.cancel()  # stops the three nodes
+        try:
+            async with _relayd(self.workdir / "relayd") as relay, trio.open_nursery() as nursery:
+                relay_text = f"{relay.node_id}@{relay.udp[0]}:{relay.udp[1]}"
+                _say(f"  relayd  {relay.node_id} on udp {relay.udp[0]}:{relay.udp[1]}")
+                _say("          (RELAY below: its NODEID@HOST:PORT, what devices are told)")
+                for name in NAMES:
+                    _say(f"  {name:<7} {self.homes[name].load_identity().node_id}")
+                _say(f"  group   {group} (created on the laptop: p2psync group create)")
+                with self.deadline("pairing"):
+                    await self.pair(relay_text, nursery)
+                before = await self.show_paths()
+                await self.sync()
+                self.paths_after(before)
+                await self.delete()
+                nursery.cancel_scope.cancel()  # stops the three nodes
+        except* _StepTimedOut:
+            pass  # the nodes and relayd are stopped; self.timed_out names the step
+        if self.timed_out is not None:
+            self.fail(f"{self.timed_out} (a slow or overloaded machine?); the tour stopped there")
+            return 1
         self.search_disk()
         _say()
         _say("Stopped the three devices and relayd.")
@@ -217,6 +242,7 @@ class _Tour:
                 why = error or "no connection yet; neither found the other's address"
                 _say(f"{label} not connected after {CONNECT_TIMEOUT:.0f}s: {why}")
                 _say("                     what one writes reaches the other through the third")
+                self.fail(f"{a} and {b} never connected")
                 continue
             where = f" {address}" if address and path != "relay" else ""
             meaning = "(UDP between the two)" if path != "relay" else "(through relayd)"
@@ -264,7 +290,7 @@ class _Tour:
             got = await self._arrival(name, key, cursors[name], out)
             arrived[name] = (time.monotonic() - start, got == value)
 
-        with trio.fail_after(STEP_TIMEOUT):
+        with self.deadline(f"syncing {key}"):
             async with trio.open_nursery() as nursery:
                 start = time.monotonic()
                 for name in receivers:
@@ -320,7 +346,7 @@ class _Tour:
                     arrived[name] = (line, gone)
                     return
 
-        with trio.fail_after(STEP_TIMEOUT):
+        with self.deadline("the delete's tombstone"):
             async with trio.open_nursery() as nursery:
                 start = time.monotonic()  # before the delete: its whole trip is timed
                 for name in receivers:
