@@ -1334,26 +1334,37 @@ class Node:
             if self.endpoint.config.hole_punching:
                 with contextlib.suppress(P2PSyncError):
                     self.endpoint.add_candidate(peer.node_id, address, Origin.MDNS)
-        if peer.node_id in self.active or peer.node_id in self._dialing:
+        link = self.active.get(peer.node_id)
+        if link is not None:
+            remote = link.conn.remote_address
+            if remote is not None and (str(remote[0]), int(remote[1])) in peer.addresses:
+                info.path = "lan"  # a link it dialed to us: on our LAN after all
+            return
+        if peer.node_id in self._dialing:
             return
         self._nursery.start_soon(self._dial_lan, peer)
 
     async def _dial_lan(self, peer: DiscoveredPeer) -> None:
+        """Dial the peer's LAN addresses in turn; run the first link that connects.
+
+        ``LAN_DIAL_TIMEOUT`` bounds each connect, never the link it gives.
+        """
         self._dialing.add(peer.node_id)
         try:
             for address in peer.addresses:
+                conn: Connection | None = None
                 with trio.move_on_after(defaults.LAN_DIAL_TIMEOUT):
                     try:
                         conn = await self.endpoint.connect(peer.node_id, address)
                     except (P2PSyncError, trio.BrokenResourceError, OSError) as exc:
                         log.info("LAN peer %s not reachable at %s: %s", peer.node_id.short(),
                                  address, exc)  # fmt: skip
-                        continue
-                    self._dialing.discard(peer.node_id)
-                    with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
-                        await self.run_link(conn, dialed=True, expected=peer.node_id,
-                                            address=address)  # fmt: skip
-                    return
+                if conn is None:
+                    continue
+                self._dialing.discard(peer.node_id)
+                with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
+                    await self.run_link(conn, dialed=True, expected=peer.node_id, address=address)
+                return
         finally:
             self._dialing.discard(peer.node_id)
 

@@ -13,7 +13,12 @@ the CLI as a user would:
     c$ p2psync join CODE               (a third device, through b, over the LAN)
     a$ p2psync invite --short; d$ p2psync join CODE   (a fourth, through a's daemon)
 
-The second test pairs two devices at two different easy-NAT sites through
+The second test takes the pairing away: two devices of one group that know
+each other by NodeId only, or not at all (no address, no relay), find each
+other over mDNS alone, dial the LAN address and sync on path ``lan``; the
+same pair with ``--no-mdns`` stays apart.
+
+The third test pairs two devices at two different easy-NAT sites through
 relayd on a public host (short code looked up on the relay, the join
 handshake reaching the inviter directly or through the relay), syncs, and
 lets a third device at the second site join through the device that just
@@ -26,6 +31,7 @@ run is left) and every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -37,6 +43,8 @@ import pytest
 from netsim import NatKind, Network, Proc, Site, SiteHost, Topology, build, netns, wait_until
 from netsim.procs import python_module_argv
 from netsim.topology import PublicHost
+from p2psync.crypto.group import GroupSecret
+from p2psync.home import Home
 
 CLI_TIMEOUT = 60.0
 
@@ -162,6 +170,77 @@ def test_lan_pairing_with_a_short_code_and_no_relay(lan: Network, tmp_path: Path
     for proc in daemons:
         proc.stop()
     assert time.monotonic() - started < 240
+
+
+# How long the --no-mdns pair gets to find each other (it must not); the mDNS
+# pair has to sync within the same time for the comparison to mean something.
+DISCOVERY_WINDOW = 15.0
+
+
+def _member(net: Network, host: str, home: Path, secret: GroupSecret) -> _Device:
+    """A device of the group of ``secret`` that was never paired: no peers in its
+    config, no address of anyone, no relay (as after restoring a backup)."""
+    Home(home).init(os.urandom, name=f"laptop-{host}")
+    Home(home).save_secret(secret)
+    return _Device(net, host, home)
+
+
+def _peer_row(device: _Device, node_id: str) -> dict[str, Any] | None:
+    rows = [p for p in device.cli("status")["peers"] if p["node_id"] == node_id]
+    return rows[0] if rows else None
+
+
+def _on_lan(device: _Device, node_id: str) -> bool:
+    row = _peer_row(device, node_id)
+    return row is not None and row["connected"] and row["path"] == "lan"
+
+
+@pytest.mark.netsim
+def test_members_find_each_other_by_mdns_alone_and_not_without_it(
+    lan: Network, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    found, blind = GroupSecret.generate(os.urandom), GroupSecret.generate(os.urandom)
+    a, b = (_member(lan, h, tmp_path / f"home-{h}", found) for h in "ab")
+    c, d = (_member(lan, h, tmp_path / f"home-{h}", blind) for h in "cd")
+    a_id, c_id = a.cli("whoami")["node_id"], c.cli("whoami")["node_id"]
+    # a and c know nobody; b and d know a and c by NodeId only (no address, no relay:
+    # their dial loops cannot reach anyone). a, b run with mDNS, c, d without.
+    daemons = [
+        a.spawn("daemon", "--log-level", "info"),
+        b.spawn("daemon", "--peer", a_id, "--log-level", "info"),
+        c.spawn("daemon", "--no-mdns", "--log-level", "info"),
+        d.spawn("daemon", "--peer", c_id, "--no-mdns", "--log-level", "info"),
+    ]
+    for proc in daemons:
+        wait_until(lambda proc=proc: "ready:" in proc.stderr_text(), timeout=20, what="ready")
+    ready = time.monotonic()
+    notes = {}
+    for device in (a, b, c):
+        notes[device.host] = tmp_path / f"from-{device.host}.txt"
+        notes[device.host].write_text(f"hello from {device.host}\n")
+        device.cli("put", str(notes[device.host]), "--key", f"notes/{device.host}")
+
+    # mDNS on: each finds the other, dials its LAN address, and they sync.
+    wait_until(lambda: {"notes/a", "notes/b"} <= _keys(a) and {"notes/a", "notes/b"} <= _keys(b),
+               timeout=DISCOVERY_WINDOW, what="a's and b's puts on both")  # fmt: skip
+    b_id = b.cli("whoami")["node_id"]
+    wait_until(lambda: _on_lan(a, b_id) and _on_lan(b, a_id), timeout=5, what="path lan")
+    row = _peer_row(b, a_id)
+    assert row is not None and row["address"] == f"{lan.address('a')}:47300", row
+    assert a.cli("status")["mdns"].startswith("mDNS active on eth0")
+
+    # mDNS off: the same setup stays apart for as long as the pair above needed and more.
+    time.sleep(max(0.0, ready + DISCOVERY_WINDOW - time.monotonic()))
+    assert "notes/c" not in _keys(d)
+    row = _peer_row(d, c_id)
+    assert row is not None and not row["connected"] and row["path"] == "none", row
+    assert "the relay" in (row["last_error"] or ""), row  # it tried, and had nowhere to go
+    assert c.cli("status")["peers"] == []  # nobody reached c
+    assert c.cli("status")["mdns"] == "off"
+    for proc in daemons:
+        proc.stop()
+    assert time.monotonic() - started < 50
 
 
 @pytest.fixture
