@@ -50,7 +50,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -267,13 +267,24 @@ def event_json(event: NodeEvent) -> JsonDict:
 
 
 class EventStream:
-    """One reader's bounded queue of status events (use :meth:`EventHub.open`)."""
+    """One reader's bounded queue of status events (use :meth:`EventHub.open`).
+
+    :meth:`only` narrows it to some event types: the others are never
+    queued, so they neither fill the queue nor count as dropped.
+    """
 
     def __init__(self, limit: int) -> None:
         self._send, self._receive = trio.open_memory_channel[NodeEvent](limit)
         self._dropped = 0
+        self._types: frozenset[str] | None = None  # None: every type
+
+    def only(self, types: Iterable[str]) -> None:
+        """Queue only events of these ``type`` names (``EventsDropped`` counts only those)."""
+        self._types = frozenset(types)
 
     def offer(self, event: NodeEvent) -> None:
+        if self._types is not None and event.type not in self._types:
+            return
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:

@@ -25,7 +25,7 @@ JSON. docs/control-api.md is the reference with examples; in short
         peer-connected {node_id, path, address}  peer-disconnected {node_id, reason}
         path-changed {node_id, path, previous}
         sync-progress {blob, key, bytes_done, bytes_total, rate, complete}
-        events-dropped {count}  (this reader fell behind on status events)
+        events-dropped {count}  (this reader fell behind on the status events it asked for)
 
 A client that hangs up cancels what it asked (the server watches every
 connection). Writes (``put``, ``rm``) are shielded from that: their store
@@ -295,13 +295,15 @@ def control_server_for(node: Node) -> ControlServer:
                 await emit({"type": "entry-added", "entry": change.to_json()})
 
         # The status stream is opened before anything is sent, so no event
-        # between the start of the request and the first read is lost.
+        # between the start of the request and the first read is lost. It
+        # queues only the types asked for: events-dropped counts only those,
+        # and a client of entry-added alone never gets one.
         async with node.events() as events, trio.open_nursery() as nursery:
+            events.only(types - {"entry-added"})
             if "entry-added" in types:
                 nursery.start_soon(entries)
             async for event in events:
-                if event.type in types or event.type == "events-dropped":
-                    await emit(event_json(event))
+                await emit(event_json(event))
 
     return ControlServer(
         {

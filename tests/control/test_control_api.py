@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from p2psync import defaults, ops
+from p2psync.api import PeerConnected, SyncProgress, Transfer
 from p2psync.control.client import DaemonError, connect_if_running
 from p2psync.control.daemon import control_server_for
 from p2psync.control.protocol import SOCKET_NAME
@@ -518,4 +519,24 @@ async def test_devices_lists_members_who_added_them_and_when_each_was_seen(
                 assert phone(rows)["path"] == "direct" and not phone(rows)["this_device"]
             rows = await devices_once(lambda row: not row["connected"])
             assert phone(rows)["last_seen"] >= before  # when the phone was last connected
+            c.close()
+
+
+async def test_subscribe_reports_drops_only_of_the_events_it_asked_for(home: Home) -> None:
+    """A flood of event types the client did not ask for is never queued: no events-dropped."""
+    with trio.fail_after(30):
+        async with daemon(home, NodeOptions(listen=LOOPBACK)) as (node, _):
+            await node.put(b"x", key="k")
+            c = await in_thread(Line, home.path / SOCKET_NAME)
+            wanted = ["entry-added", "peer-connected"]
+            c.send({"id": 1, "method": "subscribe", "params": {"events": wanted}})
+            backlog = (await in_thread(c.read))["event"]  # the status stream is open by now
+            assert backlog["entry"]["key"] == "k"
+            progress = SyncProgress(Transfer("ab" * 32, "k", 1, 2, 0.0, False))
+            for _ in range(3 * defaults.EVENT_QUEUE_MAX):  # no checkpoint: the queue overflows
+                node.events_hub.publish(progress)
+            node.events_hub.publish(PeerConnected("a-peer", "direct", None))
+            first = (await in_thread(c.read))["event"]
+            assert first == {"type": "peer-connected", "node_id": "a-peer", "path": "direct",
+                             "address": None}  # fmt: skip
             c.close()

@@ -21,10 +21,13 @@ import p2psync
 from p2psync import defaults
 from p2psync.api import (
     Change,
+    EventHub,
+    EventsDropped,
     PeerConnected,
     PeerDisconnected,
     RateMeter,
     SyncProgress,
+    Transfer,
     TransferTracker,
 )
 from p2psync.crypto.group import GroupSecret
@@ -493,3 +496,21 @@ async def test_a_reader_closed_early_frees_the_value_and_other_store_handles_pin
                 assert first + rest == original
                 # The reader that unpinned last (the other handle) freed the value.
                 assert not node.store.has_object(bytes.fromhex(str(again.blob)))
+
+
+async def test_an_event_stream_narrowed_to_some_types_counts_only_those_as_dropped() -> None:
+    hub = EventHub(limit=2)
+    progress = SyncProgress(Transfer("ab" * 32, "k", 1, 2, 0.0, False))
+    async with hub.open() as everything, hub.open() as peers_only:
+        peers_only.only({"peer-connected"})
+        for _ in range(5):
+            hub.publish(progress)
+        for n in range(3):
+            hub.publish(PeerConnected(f"node-{n}", "direct", None))
+        got = [await peers_only.__anext__() for _ in range(3)]
+        assert got == [
+            EventsDropped(1),  # the third peer-connected, not the progress events
+            PeerConnected("node-0", "direct", None),
+            PeerConnected("node-1", "direct", None),
+        ]
+        assert await everything.__anext__() == EventsDropped(6)
