@@ -499,6 +499,7 @@ class Node:
             "entries_received": 0,
             "joins_refused": 0,
             "joins_abandoned": 0,
+            "joins_node_mismatch": 0,  # JOIN_REQUESTs naming another NodeId than their sender
         }
         self.invites = InviteBook()
         self._invite_ended: dict[bytes, trio.Event] = {}  # short codes waiting for their end
@@ -988,13 +989,35 @@ class Node:
             log.info("invite %s ended: %s", ended.invite_id[:4].hex(), ended.reason)
             self.invite_closed(ended.invite_id)
 
-    def _join_source(self, conn: Connection) -> str:
+    def _join_source(self, conn: Connection, their: NodeId) -> str:
         """Whom JOIN_REQUEST limits count against: the joiner's address (IPv6 by its
-        prefix), or its NodeId when it comes through the relay."""
+        prefix), or, through the relay, ``their``: the NodeId the connection is
+        from (the relay authenticated it; :meth:`_join_node` checked it), never
+        whatever the request claims."""
         address = conn.source_address
         if address is not None:
             return source_key(str(address[0]), defaults.JOIN_IPV6_PREFIX)
-        return f"relayed:{conn.their_node_id}"
+        return f"relayed:{their}"
+
+    def _join_node(self, conn: Connection, claimed: NodeId) -> NodeId:
+        """The joiner's NodeId: the one its connection is from, which the JOIN_REQUEST
+        must name; else :class:`JoinRefused` (``node-mismatch``).
+
+        The acceptor's ``conn.their_node_id`` comes from the relay (which
+        authenticated the sender) or from the joiner's disco PING (sealed with
+        its key; :mod:`p2psync.net.endpoint`). Every joiner pings before it
+        dials, so None means we cannot tie the request to a key: refused too.
+        """
+        their = conn.their_node_id
+        if their == claimed:
+            return claimed
+        self.counters["joins_node_mismatch"] += 1
+        seen = their.short() if their is not None else "no NodeId we could check"
+        raise JoinRefused(
+            "node-mismatch",
+            f"the join request names {claimed.short()} but its connection is from {seen}; "
+            "run the join again (if it keeps failing, something on the path rewrites traffic)",
+        )
 
     # --- devices: peers' last seen, kept in the store ---------------------------------
 
@@ -1053,10 +1076,11 @@ class Node:
                 if kind != JOIN_REQUEST:
                     raise BadFrame("a join starts with JOIN_REQUEST")
                 request = decode_request_fields(fields)
+                source = self._join_source(conn, self._join_node(conn, request.joiner))
                 challenge = os.urandom(CHALLENGE_SIZE)
                 try:
                     handshake = self.invites.begin(
-                        request, self._join_source(conn), self.node_id, challenge, time.time()
+                        request, source, self.node_id, challenge, time.time()
                     )
                 finally:
                     self._invite_events()

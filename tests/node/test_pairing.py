@@ -6,7 +6,8 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ from p2psync.crypto.identity import Identity, NodeId
 from p2psync.errors import BadFrame, ConfigError, LocalProtocolError
 from p2psync.home import Home
 from p2psync.join import join_group
-from p2psync.net.endpoint import EndpointConfig, open_endpoint
+from p2psync.net.endpoint import Endpoint, EndpointConfig, open_endpoint
+from p2psync.net.relay_client import open_relay_client, parse_relay_address
 from p2psync.node import Node, NodeOptions, open_node
 from p2psync.pairing import (
     CHALLENGE_SIZE,
@@ -42,6 +44,7 @@ from p2psync.pairing import (
 )
 from p2psync.proto.entry import Kind
 from p2psync.proto.messages import FrameDecoder
+from p2psync.proto.relay import RELAY_ALPN
 from p2psync.ratelimit import source_key
 
 from .conftest import wait_until
@@ -295,27 +298,55 @@ def _loopback_ticket(node: Node, lifetime: int = 600) -> Ticket:
     )
 
 
+@asynccontextmanager
+async def _raw_endpoint(identity: Identity, relay: str | None) -> AsyncIterator[Endpoint]:
+    """A bare endpoint on loopback; with ``relay`` (NODEID@HOST:PORT) it reaches
+    peers through that relay only."""
+    config = EndpointConfig(bind_host="127.0.0.1", bind_port=0)
+    if relay is None:
+        async with open_endpoint(identity, config) as endpoint:
+            yield endpoint
+        return
+    relay_node_id, relay_address = parse_relay_address(relay)
+    config = dataclasses.replace(config, alpn=(*config.alpn, RELAY_ALPN), hole_punching=False)
+    async with (
+        open_endpoint(identity, config) as endpoint,
+        open_relay_client(
+            endpoint, identity, relay_address, relay_node_id, deliver=endpoint.receive_relayed_batch
+        ) as client,
+    ):
+        await client.wait_connected()
+        endpoint.set_relay(client.try_send, relay_node_id=client.relay_node_id)
+        yield endpoint
+
+
 async def _raw_join(
     ticket: Ticket,
     *,
     secret: bytes | None = None,
     invite_id: bytes | None = None,
     until: str = "welcome",
+    identity: Identity | None = None,
+    claim: NodeId | None = None,
+    relay: str | None = None,
 ) -> dict[str, Any]:
     """Speak the joiner's side by hand, as an attacker or a broken joiner would.
 
     ``secret`` keys our proof (default the ticket's); ``until`` is where we
     stop: ``"challenge"`` (hang up after the inviter's MAC), ``"welcome"``
     (take the welcome and hang up without acknowledging it), ``"ack"``
-    (behave). Returns what the inviter sent.
+    (behave). ``identity`` is ours (default a new one), ``claim`` the NodeId
+    our JOIN_REQUEST names (default ours); with ``relay`` we dial the inviter
+    through that relay, by NodeId only. Returns what the inviter sent.
     """
-    identity = Identity.generate(os.urandom)
+    identity = Identity.generate(os.urandom) if identity is None else identity
+    claim = identity.node_id if claim is None else claim
     secret = ticket.invite_secret if secret is None else secret
     invite_id = ticket.invite_id if invite_id is None else invite_id
     seen: dict[str, Any] = {}
-    config = EndpointConfig(bind_host="127.0.0.1", bind_port=0)
-    async with open_endpoint(identity, config) as endpoint:
-        conn = await endpoint.connect(ticket.inviter, ticket.addresses[0])
+    async with _raw_endpoint(identity, relay) as endpoint:
+        address = None if relay is not None else ticket.addresses[0]
+        conn = await endpoint.connect(ticket.inviter, address)
         stream = await conn.open_stream()
         decoder = FrameDecoder(MAX_JOIN_FRAME)
 
@@ -327,9 +358,7 @@ async def _raw_join(
             return decode_join_untrusted(body)
 
         challenge_j = os.urandom(CHALLENGE_SIZE)
-        await stream.send_all(
-            join_frame(JOIN_REQUEST, invite_id, identity.node_id.raw, "raw", challenge_j)
-        )
+        await stream.send_all(join_frame(JOIN_REQUEST, invite_id, claim.raw, "raw", challenge_j))
         kind, fields = await receive()
         seen["first"] = kind
         if kind == JOIN_REFUSED:
@@ -338,7 +367,7 @@ async def _raw_join(
             assert kind == JOIN_CHALLENGE
             challenge_i, mac_i = fields
             assert isinstance(challenge_i, bytes)
-            script = transcript(invite_id, ticket.inviter, identity.node_id, challenge_j,
+            script = transcript(invite_id, ticket.inviter, claim, challenge_j,
                                 challenge_i)  # fmt: skip
             seen["mac_i"], seen["script"] = mac_i, script
             await stream.send_all(join_frame(JOIN_PROOF, join_mac(secret, b"joiner", script)))
@@ -470,6 +499,51 @@ async def test_join_requests_are_rate_limited_at_the_inviter(
             # invite is refused too, and stays open, untried.
             assert (await _raw_join(ticket))["refused"] == "rate-limited"
             assert len(a.invites) == 1 and a.counters["joins_refused"] == 3
+
+
+async def test_a_join_request_must_name_the_node_its_connection_is_from(
+    make_home: Callable[..., Home],
+) -> None:
+    """Directly (the NodeId of the joiner's disco PING) and through the relay (the
+    NodeId relayd authenticated): a JOIN_REQUEST naming another node is refused
+    before it costs the invite a try, and relayed limits count per real NodeId."""
+    from .test_short_codes import running_relay
+
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    victim = Identity.generate(os.urandom).node_id
+    with trio.fail_after(60):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            options = NodeOptions(listen=("127.0.0.1", 0), relay=relay_text,
+                                  endpoint=EndpointConfig(hole_punching=False))  # fmt: skip
+            async with open_node(a_home, options) as a:
+                ticket = _loopback_ticket(a)
+                for via in (None, relay_text, None):
+                    seen = await _raw_join(ticket, claim=victim, relay=via)
+                    assert seen == {"first": JOIN_REFUSED, "refused": "node-mismatch"}, seen
+                assert a.counters["joins_node_mismatch"] == a.counters["joins_refused"] == 3
+                # No try taken: two hang-ups after the inviter's MAC leave the last one.
+                for _ in range(2):
+                    assert (await _raw_join(ticket, until="challenge"))["first"] == JOIN_CHALLENGE
+                b_home = make_home("b", None)
+                await join_group(b_home, ticket.encode(), name="b")
+                assert _member_names(a) == ["b"]
+
+                # Relayed requests are limited per authenticated NodeId.
+                a.invites = InviteBook(request_burst=1, request_rate=0.001)
+                x, y = Identity.generate(os.urandom), Identity.generate(os.urandom)
+                unknown = os.urandom(16)
+
+                async def relayed(who: Identity, claim: NodeId | None = None) -> object:
+                    seen = await _raw_join(ticket, invite_id=unknown, identity=who,
+                                           claim=claim, relay=relay_text)  # fmt: skip
+                    return seen.get("refused")
+
+                assert await relayed(x, claim=y.node_id) == "node-mismatch"  # spends nothing
+                assert await relayed(y) == "unknown-invite"  # y's own request: answered
+                assert await relayed(x) == "unknown-invite"
+                assert await relayed(x) == "rate-limited"
+                assert a.counters["joins_node_mismatch"] == 4
 
 
 async def test_invite_revoke_closes_tickets_and_short_codes_through_the_daemon(
