@@ -1354,10 +1354,11 @@ class Node:
             return
         info = self.peer_info.setdefault(peer.node_id, PeerInfo(peer.node_id))
         info.lan_addresses = peer.addresses
-        for address in peer.addresses:  # LAN first: a relayed or public path moves here
-            if self.endpoint.config.hole_punching:
-                with contextlib.suppress(P2PSyncError):
-                    self.endpoint.add_candidate(peer.node_id, address, Origin.MDNS)
+        # LAN first: a relayed or public path moves here. A LAN address is a direct
+        # candidate, not hole punching: offered with or without ``hole_punching``.
+        for address in peer.addresses:
+            with contextlib.suppress(P2PSyncError):
+                self.endpoint.add_candidate(peer.node_id, address, Origin.MDNS)
         link = self.active.get(peer.node_id)
         if link is not None:
             remote = link.conn.remote_address

@@ -350,6 +350,38 @@ async def test_ticket_carries_the_relay_and_join_falls_back_to_it(
                 assert b_home.load_secrets()[0].keys().group_id == secret.keys().group_id
 
 
+async def test_an_mdns_lan_address_moves_a_relayed_pair_off_the_relay_without_punching(
+    make_home: Callable[..., Home],
+) -> None:
+    """mDNS's LAN addresses are direct candidates, not hole punching: they reach the
+    path table with ``hole_punching=False`` too, and the pair leaves the relay."""
+    from p2psync.discovery.mdns import DiscoveredPeer
+
+    secret = GroupSecret.generate(os.urandom)
+    a_home, b_home = make_home("a", secret), make_home("b", secret)
+    no_punching = EndpointConfig(hole_punching=False)
+    with trio.fail_after(60):
+        async with running_relay() as relay:
+            relay_text = f"{relay.node_id}@{relay.udp.host}:{relay.udp.port}"
+            a_options = NodeOptions(listen=LOOPBACK, relay=relay_text, endpoint=no_punching)
+            async with open_node(a_home, a_options) as a:
+                b_options = dataclasses.replace(a_options, peers=(StaticPeer(a.node_id, None),))
+                async with open_node(b_home, b_options) as b:
+
+                    def path() -> str:
+                        return next(p.path for p in b.peers() if p.node_id == str(a.node_id))
+
+                    await wait_until(b, lambda: a.node_id in b.active)
+                    assert path() == "relay"  # b knows a by NodeId only: through the relay
+                    here = (("127.0.0.1", a.endpoint.local_address[1]),)
+                    b._mdns_peer(DiscoveredPeer(a.node_id, here, b"", "lo"))  # as run_mdns does
+                    with trio.fail_after(10):
+                        await wait_until(b, lambda: path() != "relay")
+                    assert path() in ("lan", "direct")
+                    await a.put_bytes(b"over the LAN", key="note")
+                    await wait_until(b, lambda: "note" in complete_keys(b))
+
+
 async def test_relayd_invites_service_round_trip(make_home: Callable[..., Home]) -> None:
     """CREATE, FETCH once, REVOKE by the owner only: the wire as a client sees it."""
     a_home = make_home("a", GroupSecret.generate(os.urandom))
