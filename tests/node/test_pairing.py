@@ -272,13 +272,17 @@ async def test_wrong_secret_expired_and_already_joined(make_home: Callable[..., 
             )
             forged = dataclasses.replace(ticket, invite_secret=b"\x00" * 32)
             b_home = make_home("b", None)
-            with pytest.raises(JoinRefused) as wrong:
-                await join_group(b_home, forged.encode())
-            # the inviter's MAC does not match a ticket with the wrong secret:
-            # the joiner notices first and never sends a proof
-            assert wrong.value.code == "impostor"
+            for n in (1, 2):
+                with pytest.raises(JoinRefused) as wrong:
+                    await join_group(b_home, forged.encode())
+                # the inviter's MAC does not match a ticket with the wrong secret:
+                # the joiner notices first, never sends a proof, and hangs up
+                assert wrong.value.code == "impostor"
+                await wait_until(a, lambda n=n: a.counters["joins_abandoned"] == n)
             assert b_home.load_secrets() == []
-            # the real ticket still works after that
+            # Each forged attempt got the inviter's MAC: one of the invite's three
+            # tries. Two leave it open, and the real ticket works with the last.
+            assert a.invites.is_open(ticket.invite_id, time.time())
             await join_group(b_home, ticket.encode())
             assert b_home.load_secrets()
             with pytest.raises(ConfigError, match="already in a group"):
@@ -286,7 +290,30 @@ async def test_wrong_secret_expired_and_already_joined(make_home: Callable[..., 
             expired = dataclasses.replace(a.create_invite(600), expires=1)
             with pytest.raises(JoinRefused, match="expired"):
                 await join_group(make_home("c", None), expired.encode())
-            assert a.counters["joins_refused"] == 0
+            assert a.counters["joins_abandoned"] == 2 and a.counters["joins_refused"] == 0
+
+
+async def test_three_forged_tickets_burn_the_invite(make_home: Callable[..., Home]) -> None:
+    """The other half of the test above: two forged attempts leave the invite open,
+    a third burns it. So each is exactly one of the invite's three tries."""
+    a_home = make_home("a", GroupSecret.generate(os.urandom))
+    with trio.fail_after(60):
+        async with open_node(a_home, LOOPBACK) as a:
+            ticket = _loopback_ticket(a)
+            forged = dataclasses.replace(ticket, invite_secret=b"\x00" * 32)
+            ended = a.invite_end(ticket.invite_id)
+            b_home = make_home("b", None)
+            for _ in range(3):
+                with pytest.raises(JoinRefused) as wrong:
+                    await join_group(b_home, forged.encode())
+                assert wrong.value.code == "impostor"
+            await ended.wait()
+            assert a.counters["joins_abandoned"] == 3 and a.counters["joins_refused"] == 0
+            assert not a.invites.is_open(ticket.invite_id, time.time())
+            with pytest.raises(JoinRefused) as burnt:
+                await join_group(b_home, ticket.encode())
+            assert burnt.value.code == "unknown-invite"
+            assert b_home.load_secrets() == [] and _member_names(a) == []
 
 
 # --- side by side over real QUIC -----------------------------------------------------------
