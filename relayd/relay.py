@@ -76,7 +76,6 @@ from p2psync.net.endpoint import (
     open_endpoint,
 )
 from p2psync.net.service_stream import FramedStream
-from p2psync.net.stun import is_stun
 from p2psync.proto.codec import as_bytes, as_int, as_list, pack, unpack_untrusted
 from p2psync.proto.invites import SERVICE as INVITES_SERVICE
 from p2psync.proto.mailbox import SERVICE as MAILBOX_SERVICE
@@ -147,8 +146,6 @@ ACCEPT_BACKLOG: Final = 1024
 # The node opens its relay stream and up to RELAY_MAX_SERVICE_STREAMS service
 # streams; one spare keeps a racing retry from being refused.
 MAX_STREAMS_PER_CONNECTION: Final = 2 + defaults.RELAY_MAX_SERVICE_STREAMS
-
-_STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,13 +283,11 @@ class QuicRelay:
         self.log_gate = LogGate(limits.log_interval_s)
         self.sessions: set[_Session] = set()
         self._by_conn: dict[Connection, _Session] = {}
-        self._stun_handler: server.StunHandler | None = None
         self.services: dict[str, Service] = {}
         self._stopping = False
         self._all_gone = trio.Event()
         self._stopped = trio.Event()
         self._register_metrics(registry or Registry(limits.metrics_max_label_sets))
-        _pass_classic_stun(endpoint, self._classic_stun)
         endpoint.set_relay_datagram_handler(self._datagrams_received)
         endpoint.set_peer_address_handler(self._peer_moved)
 
@@ -314,7 +309,6 @@ class QuicRelay:
         return self.endpoint.local_address
 
     def set_stun_handler(self, handler: server.StunHandler) -> None:
-        self._stun_handler = handler
         self.endpoint.set_stun_handler(handler)
 
     def send_datagram(self, data: bytes, address: tuple[str, int]) -> None:
@@ -446,10 +440,6 @@ class QuicRelay:
         session.log.debug("relay node moved to %s", address)
         session.observed = address
         self.router.rebind(session, address, trio.current_time())
-
-    def _classic_stun(self, data: bytes, source: Address) -> None:
-        if self._stun_handler is not None:
-            self._stun_handler(data, source)
 
     def _note(self, reason: str, message: str, *args: object) -> None:
         """Log ``message`` at most once per interval per reason (never payloads)."""
@@ -793,31 +783,6 @@ def _observed_address(endpoint: Endpoint, conn: Connection) -> Address | None:
     if isinstance(address, tuple) and len(address) == 2:
         return (str(address[0]), int(address[1]))
     return None
-
-
-def _pass_classic_stun(endpoint: Endpoint, handler: Callable[[bytes, Address], None]) -> None:
-    """Let classic RFC 3489 Binding requests (no magic cookie) reach the STUN handler.
-
-    The endpoint drops STUN datagrams without the RFC 8489 cookie, but the
-    issue requires relayd to answer classic clients (Debian's ``stun``,
-    pystun3). Until the endpoint grows an option for it, wrap its private
-    STUN dispatch on this one instance: cookie-less datagrams that
-    :func:`p2psync.net.stun.is_stun` accepts go to ``handler``, everything
-    else takes the endpoint's own path.
-    """
-    original = getattr(endpoint, "_stun_received", None)
-    if original is None:
-        log.warning("endpoint has no STUN dispatch to extend; classic STUN clients unanswered")
-        return
-
-    def stun_received(data: bytes, source: tuple[str, int]) -> None:
-        if len(data) >= 20 and data[4:8] != _STUN_COOKIE and is_stun(data):
-            endpoint.stats.stun_received += 1
-            handler(data, (str(source[0]), int(source[1])))
-        else:
-            original(data, source)
-
-    setattr(endpoint, "_stun_received", stun_received)  # noqa: B010 -- instance override
 
 
 # --- entry point --------------------------------------------------------------------------

@@ -269,6 +269,7 @@ from p2psync.errors import BadFrame
 from p2psync.net import tls
 from p2psync.net.disco import Disco, is_disco
 from p2psync.net.paths import RELAY, Address, Origin, PathState, PathTable, Route
+from p2psync.net.stun import is_stun
 from p2psync.net.traversal import PathDriver
 from p2psync.proto.relay import (
     DATAGRAM_FROM_RELAY,
@@ -300,7 +301,6 @@ _GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _GSO_MAX_SEGMENTS: Final = 64
 _GSO_MAX_BYTES: Final = 65000
 # RFC 8489 §5: STUN messages carry this cookie at bytes 4..8.
-_STUN_COOKIE: Final = b"\x21\x12\xa4\x42"
 # RFC 9000 §14.1: a server drops client Initials in datagrams below 1200 bytes.
 _MIN_INITIAL_SIZE: Final = 1200
 # Our connection ids are 8 bytes (aioquic's default), needed to parse short headers.
@@ -1692,7 +1692,10 @@ class Endpoint:
         conn._timer_at = None
 
     def _stun_received(self, data: bytes, source: Any) -> None:
-        if len(data) < 20 or data[4:8] != _STUN_COOKIE:
+        # RFC 8489 messages (magic cookie) and classic RFC 3489 Binding
+        # requests (no cookie: Debian's stun-client, pystun3) reach the handler;
+        # relayd answers both, a node's probe ignores what it did not ask for.
+        if not is_stun(data):
             self.stats.dropped_malformed += 1
             return
         self.stats.stun_received += 1
