@@ -72,9 +72,21 @@ class ControlClient:
 
     def _send(self, method: str, params: JsonObject | None) -> int:
         request_id = next(self._ids)
-        self._sock.sendall(
-            encode_line({"id": request_id, "method": method, "params": params or {}})
-        )
+        try:
+            self._sock.sendall(
+                encode_line({"id": request_id, "method": method, "params": params or {}})
+            )
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # A daemon at its client limit answers ``busy`` and closes before
+            # reading anything, so our write can fail while its answer waits
+            # in our receive buffer: report that answer, not the broken pipe.
+            try:
+                reply = self._read_reply()
+            except (OSError, BrokenResourceError, BadFrame):
+                raise BrokenResourceError("the daemon closed the control connection") from exc
+            if "error" in reply:
+                _raise_for(reply["error"])
+            raise BrokenResourceError("the daemon closed the control connection") from exc
         return request_id
 
     def call(
