@@ -53,7 +53,9 @@ proof, a joiner that hangs up), so at most that many run at once and that
 many failures burn the invite: neither a guessed ticket nor a short code's
 second half can be brute-forced online. JOIN_REQUESTs are rate-limited per
 source. Expired, used, unknown, burnt or revoked invites are refused with a
-reason and change nothing.
+reason and change nothing; so is a JOIN_REQUEST naming another NodeId than
+the one its connection comes from (``node-mismatch``, checked by the node
+before the book sees it, so it costs the invite no try).
 
 Short codes
 -----------

@@ -373,7 +373,8 @@ class EndpointConfig:
     disco_pong_wait: float = DISCO_PONG_WAIT
     # False: only addresses given to connect() / add_candidate() are ever used; no
     # CALL_ME_MAYBE either way, no hard-NAT search (peers reached by NodeId alone stay
-    # on the relay; the node then offers no looked-up or mDNS addresses either).
+    # on the relay; the node then offers no looked-up addresses either, but LAN
+    # addresses found by mDNS are direct candidates and still reach the table).
     hole_punching: bool = True
     # True (relayd): a known peer's datagrams go to the address its newest
     # authenticated packet came from (RFC 9000 §9.3), not the path table's
