@@ -30,7 +30,12 @@ from p2psync.crypto.group import group_id_text
 from p2psync.defaults import NETCHECK_ALT_PORT_OFFSET
 from p2psync.errors import P2PSyncError
 from p2psync.home import Home, default_home
-from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, TICKET_PREFIX, devices_from_members
+from p2psync.pairing import (
+    SHORT_CODE_MAX_LIFETIME,
+    TICKET_PREFIX,
+    device_rows,
+    devices_from_members,
+)
 from p2psync.proto.entry import Kind
 from p2psync.store import Meta
 
@@ -553,24 +558,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         running = True
         for peer in state.get("peers", []):
             seen[peer["node_id"]] = peer
-    rows = []
-    for device in devices:
-        peer = seen.get(device.node_id, {})
-        connected = peer.get("path") not in (None, "none")
-        if device.node_id == ours or connected:
-            last_seen: float | None = time.time()
-        else:
-            times = [t for t in (peer.get("last_seen"), stored_seen.get(device.node_id)) if t]
-            last_seen = max(times) if times else None
-        rows.append(
-            {
-                **device.to_json(),
-                "this_device": device.node_id == ours,
-                "connected": connected if device.node_id != ours else None,
-                "path": peer.get("path"),
-                "last_seen": last_seen,
-            }
-        )
+    rows = device_rows(devices, ours, seen, stored_seen, time.time())
     if args.json:
         _emit(args, rows, "")
         return 0

@@ -90,9 +90,9 @@ from __future__ import annotations
 
 import collections
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import blake3
 
@@ -796,3 +796,39 @@ def devices_from_members(members: Sequence[StoredEntry]) -> list[Device]:
         )
         latest[node_id] = device  # members() is in arrival order: the newest record wins
     return sorted(latest.values(), key=lambda device: device.added_ms)  # stable: arrival order
+
+
+def device_rows(
+    devices: Sequence[Device],
+    ours: str,
+    peers: Mapping[str, Mapping[str, Any]],
+    stored_seen: Mapping[str, float],
+    now: float,
+) -> list[dict[str, Any]]:
+    """The rows of ``devices`` (control API and ``p2psync devices --json``).
+
+    ``peers`` are **peer** objects by NodeId (a running node's view),
+    ``stored_seen`` the unix times the store recorded (``Store.peers_seen``).
+    ``last_seen`` is ``now`` for this device and connected ones, else the
+    latest time either source knows, or None.
+    """
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        peer = peers.get(device.node_id, {})
+        this = device.node_id == ours
+        connected = peer.get("path") not in (None, "none")
+        if this or connected:
+            last_seen: float | None = now
+        else:
+            times = [t for t in (peer.get("last_seen"), stored_seen.get(device.node_id)) if t]
+            last_seen = max(times) if times else None
+        rows.append(
+            {
+                **device.to_json(),
+                "this_device": this,
+                "connected": None if this else connected,
+                "path": peer.get("path"),
+                "last_seen": last_seen,
+            }
+        )
+    return rows

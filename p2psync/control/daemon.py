@@ -45,7 +45,7 @@ import base64
 import binascii
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,7 +65,13 @@ from p2psync.control.protocol import (
     param_str_list,
 )
 from p2psync.control.server import ControlServer, EmitEvent
-from p2psync.pairing import SHORT_CODE_MAX_LIFETIME, Device, JoinRefused, devices_from_members
+from p2psync.pairing import (
+    SHORT_CODE_MAX_LIFETIME,
+    Device,
+    JoinRefused,
+    device_rows,
+    devices_from_members,
+)
 
 if TYPE_CHECKING:
     from p2psync.node import Node
@@ -116,42 +122,6 @@ async def with_progress(
         nursery.cancel_scope.cancel()
     await emit({"type": "progress", **meter.progress.to_json(), "finished": True})
     return result
-
-
-def device_rows(
-    devices: Sequence[Device],
-    ours: str,
-    peers: Mapping[str, Mapping[str, Any]],
-    stored_seen: Mapping[str, float],
-    now: float,
-) -> list[JsonObject]:
-    """The rows of ``devices`` (control API and ``p2psync devices --json``).
-
-    ``peers`` are **peer** objects by NodeId (a running node's view),
-    ``stored_seen`` the unix times the store recorded (``Store.peers_seen``).
-    ``last_seen`` is ``now`` for this device and connected ones, else the
-    latest time either source knows, or None.
-    """
-    rows = []
-    for device in devices:
-        peer = peers.get(device.node_id, {})
-        this = device.node_id == ours
-        connected = peer.get("path") not in (None, "none")
-        if this or connected:
-            last_seen: float | None = now
-        else:
-            times = [t for t in (peer.get("last_seen"), stored_seen.get(device.node_id)) if t]
-            last_seen = max(times) if times else None
-        rows.append(
-            {
-                **device.to_json(),
-                "this_device": this,
-                "connected": None if this else connected,
-                "path": peer.get("path"),
-                "last_seen": last_seen,
-            }
-        )
-    return rows
 
 
 def control_server_for(node: Node) -> ControlServer:
