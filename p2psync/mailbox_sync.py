@@ -42,6 +42,9 @@ Push (own entries only: every device is responsible for its own feed)
 
 Pull
     On start, on every reconnect, on every NOTIFY (relayd's "new items"),
+    after each push that relayd stored something new of (relayd NOTIFYs a
+    node of others' pushes only; pulling our own back keeps the saved pull
+    cursor a proof of how far relayd's log reached, see "Starting over"),
     and every :data:`PULL_INTERVAL_S` as a safety net, the node pulls the
     items after what it has looked at, in rounds of up to :data:`PULL_ROUND`
     items: it feeds the entries to :meth:`~p2psync.store.Store.insert_entries`
@@ -65,8 +68,36 @@ Pull
     tells relayd only what this device really holds, so relayd never
     counts a waiting item as delivered. Entries the store refuses for good
     (bad signature, another group, a fork) are counted in ``rejected`` and
-    passed. If relayd's ``log_id`` changed (it lost or dropped the
-    mailbox) both cursors start over from 0.
+    passed.
+
+Starting over
+    Both cursors are kept per ``(relay, mailbox, log_id)`` and checked
+    against every JOINED (of either stream, one check at a time):
+
+    - relayd's ``log_id`` changed (it forgot the mailbox, or lost its
+      database): both cursors start over from 0;
+    - same ``log_id``, but JOINED's ``head`` is below the saved pull cursor
+      or below the highest head or cursor this process saw of that log (in
+      JOINED, ITEMS or PUSHED): relayd's log was **rolled back** (a power
+      loss under ``synchronous=NORMAL`` lost its last commits, or it was
+      restored from a backup). It will hand out again the cursors we
+      passed, to new items, and it lost some of what we pushed. Both
+      cursors start over from 0 too: we pull everything again (the store
+      counts what it holds as duplicates; FETCH asks only for objects still
+      missing) and push our whole feed again (relayd answers what it still
+      holds with PUSHED ``new=False``; what it lost is stored again). That
+      costs one full re-push of our objects, once per rollback, which is
+      rare; working out exactly what relayd still holds would need it to
+      tell. ``rollbacks`` in ``status`` counts these resets. A stream that
+      joined before a reset (the other one, still on a connection to the
+      old relayd) never saves its cursor over it: it joins again.
+
+    What this cannot see: a rollback after which other devices push so
+    much, before we join again, that the head passes both our saved pull
+    cursor and what we saw (a node that was off meanwhile knows only its
+    saved pull cursor, which trails its last pushes until the pull that
+    follows them). Then the items at cursors we passed are skipped, and
+    entries of ours relayd lost reach other devices only from a peer.
 
 The local store stays the source of truth: nothing is deleted or marked
 synced because relayd acknowledged it.
@@ -83,8 +114,9 @@ import collections
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
@@ -170,6 +202,10 @@ class MailboxError(errors.RemoteProtocolError):
 
 class _PushPaused(errors.P2PSyncError):
     """relayd refused a push (quota, or an entry it will take later): push again later."""
+
+
+class _StartOver(errors.P2PSyncError):
+    """The cursors were reset (relayd's log rolled back) since this stream joined: join again."""
 
 
 # --- one stream --------------------------------------------------------------------------
@@ -293,6 +329,7 @@ class MailboxStats:
     pulls: int = 0  # pulls done (each to relayd's head, the cursor saved and ACKed)
     rejected: int = 0  # pulled items our store refused for good, or pushes relayd refused
     skipped_objects: int = 0  # own objects this relay does not take (too large, refused)
+    rollbacks: int = 0  # times relayd's log was found rolled back (both cursors reset)
 
 
 class MailboxSync:
@@ -320,6 +357,12 @@ class MailboxSync:
         self._waiting: dict[int, wire.Item] = {}  # cursor -> item not stored yet, in order
         self._overflow: int | None = None  # lowest cursor of a waiting item not kept
         self._rescan_at = 0.0
+        # Rollback detection (see "Starting over"): the highest head or cursor seen of
+        # relayd's log this process, and how many times the cursors were reset.
+        self._seen_head: tuple[bytes, int] | None = None  # (log_id, head)
+        self._resets = 0
+        self._reset_event = trio.Event()  # set (and replaced) at every reset: wakes the push
+        self._pushed_event = trio.Event()  # set (and replaced) when relayd took new pushes
         self.pulled = trio.Event()  # set (and replaced) after every pull; for tests
 
     @property
@@ -384,6 +427,9 @@ class MailboxSync:
                 self.last_error = str(exc)
                 log.warning("mailbox push paused: %s", exc)
                 wait = max(0.0, self._paused_until - trio.current_time())
+            except _StartOver as exc:
+                log.info("mailbox %s stream: %s", what, exc)
+                wait = 0.0  # the other stream reset the cursors: join again at once
             except MailboxError as exc:
                 self.state = "error"
                 self.last_error = str(exc)
@@ -412,33 +458,77 @@ class MailboxSync:
         self.quota_used = joined.used
         self.last_error = None
 
-    async def _load_state(self, log_id: bytes) -> tuple[int, int]:
-        """(pull, push) cursors for relayd's log ``log_id``: zeros for a new log."""
-        store = self.node.store
-        state = await self.node.locked(store.mailbox_state, self.relay_id, self.mailbox)
-        if state is not None and state[0] == log_id:
-            return state[1], state[2]
-        if state is not None:
+    def _saw_head(self, log_id: bytes, head: int, generation: int) -> None:
+        """relayd's log ``log_id`` reached ``head`` (heads only grow while it keeps its commits).
+
+        Ignored from a stream that joined before the last reset (``generation``).
+        """
+        seen = self._seen_head
+        if self._resets != generation:
+            return
+        if seen is None or seen[0] != log_id or seen[1] < head:
+            self._seen_head = (log_id, head)
+
+    async def _load_state(self, joined: wire.Joined) -> tuple[int, int]:
+        """(pull, push) cursors for the log relayd just JOINED us to; resets them if needed.
+
+        Zeros for a new log, and for one rolled back (see "Starting over" in
+        the module docstring). The check runs under the node's store lock
+        and this task goes on without a checkpoint until the reset is noted
+        here, so of two streams joining at once only the first resets.
+        """
+        pull, push, reset = await self.node.locked(self._check_state, joined)
+        if reset in (None, "new"):
+            self._saw_head(joined.log_id, joined.head, self._resets)
+            return pull, push
+        self._resets += 1
+        self.pull_cursor = self.push_cursor = 0
+        self._seen_head = (joined.log_id, joined.head)
+        self._reset_event.set()
+        self._reset_event = trio.Event()
+        if reset == "rolled-back":
+            self.stats.rollbacks += 1
+            log.warning("relay mailbox log rolled back (its head is %d, below what we pulled "
+                        "or saw): pulling and pushing from the start", joined.head)  # fmt: skip
+        elif reset == "log-changed":
             log.info("relay mailbox log changed: pulling and pushing from the start")
-        await self.node.locked(
-            store.save_mailbox_state, self.relay_id, self.mailbox, log_id, pull=0, push=0
-        )
         return 0, 0
+
+    def _check_state(self, joined: wire.Joined) -> tuple[int, int, str | None]:
+        """Saved (pull, push) cursors, or zeros and why (blocking: the store)."""
+        store = self.node.store
+        state = store.mailbox_state(self.relay_id, self.mailbox)
+        seen = self._seen_head
+        seen_head = seen[1] if seen is not None and seen[0] == joined.log_id else 0
+        if state is None:
+            reset = "new"
+        elif state[0] != joined.log_id:
+            reset = "log-changed"
+        elif joined.head < max(state[1], seen_head):
+            reset = "rolled-back"
+        else:
+            return state[1], state[2], None
+        store.save_mailbox_state(self.relay_id, self.mailbox, joined.log_id, pull=0, push=0)
+        return 0, 0, reset
 
     # --- pull -----------------------------------------------------------------------------
 
     async def _pull_session(self, client: MailboxClient) -> None:
-        self.pull_cursor, _ = await self._load_state(client.joined.log_id)
+        self.pull_cursor, _ = await self._load_state(client.joined)
+        generation = self._resets
         self._start_scan()
         while True:
-            seen = await self._pull_all(client)
+            pushed = self._pushed_event  # taken before pulling: no push of ours slips past
+            seen = await self._pull_all(client, generation)
             # Wait for a head past the one the last ITEMS reported: items up to
             # it were either pulled or are gone (expired), so never busy-loop.
             timeout = PULL_INTERVAL_S
             if self._holding():
                 timeout = min(timeout, max(1.0, self._rescan_at - trio.current_time()))
             with trio.move_on_after(timeout):
-                await client.wait_notify(seen)
+                # relayd does not NOTIFY a node of its own pushes: we pull them
+                # too, so that the saved pull cursor vouches for them.
+                await _first_of(partial(client.wait_notify, seen), pushed.wait)
 
     def _start_scan(self) -> None:
         """Look at everything after the saved cursor again (a new stream, or a rescan)."""
@@ -450,14 +540,17 @@ class MailboxSync:
     def _holding(self) -> bool:
         return bool(self._waiting) or self._overflow is not None
 
-    async def _pull_all(self, client: MailboxClient) -> int:
-        """Pull rounds until relayd has nothing more; relayd's head."""
+    async def _pull_all(self, client: MailboxClient, generation: int) -> int:
+        """Pull rounds until relayd has nothing more; relayd's head.
+
+        ``generation``: the count of cursor resets when this stream joined.
+        """
         if self._holding() and trio.current_time() >= self._rescan_at:
             self._start_scan()
         tried: set[bytes] = set()  # FETCHed during this pull (each object once)
         gone: set[bytes] = set()  # of those, what relayd does not have
         while True:
-            more, head = await self._pull_round(client, tried, gone)
+            more, head = await self._pull_round(client, tried, gone, generation)
             if not more:
                 break
         self.stats.pulls += 1
@@ -466,7 +559,7 @@ class MailboxSync:
         return head
 
     async def _pull_round(
-        self, client: MailboxClient, tried: set[bytes], gone: set[bytes]
+        self, client: MailboxClient, tried: set[bytes], gone: set[bytes], generation: int
     ) -> tuple[bool, int]:
         """One round: pull, store entries, fetch objects, then save and ACK the cursor.
 
@@ -480,6 +573,7 @@ class MailboxSync:
             pulled += page.items
             if page.items:
                 self._scanned = page.items[-1].cursor
+            self._saw_head(log_id, page.head, generation)
             if not page.has_more or len(pulled) >= PULL_ROUND:
                 break
         # Waiting items first: they came before these, and their turn may have come.
@@ -514,6 +608,8 @@ class MailboxSync:
         first = min([*self._waiting, *([self._overflow] if self._overflow is not None else [])],
                     default=None)  # fmt: skip
         target = self._scanned if first is None else first - 1
+        if self._resets != generation:  # never save a cursor of the log before the reset
+            raise _StartOver("the cursors were reset since this stream joined")
         if target > self.pull_cursor:
             self.pull_cursor = target
             await node.locked(
@@ -669,20 +765,24 @@ class MailboxSync:
     async def _push_session(self, client: MailboxClient) -> None:
         if trio.current_time() < self._paused_until:
             raise _PushPaused("waiting before pushing to the relay again")
-        _, self.push_cursor = await self._load_state(client.joined.log_id)
+        _, self.push_cursor = await self._load_state(client.joined)
+        generation = self._resets
         node = self.node
         while True:
+            if self._resets != generation:
+                raise _StartOver("the cursors were reset since this stream joined")
             changed = node.changes()  # taken before reading: no write slips past
+            reset = self._reset_event
             pending = await node.locked(node.store.count_own_entries_after, self.push_cursor)
             self.pending_uploads = pending
             if pending and await self._should_push():
                 self.holding_back = False
-                await self._push_batch(client)
+                await self._push_batch(client, generation)
                 continue
             self.holding_back = bool(pending)
             timeout = AUTO_RECHECK_S if pending else PULL_INTERVAL_S
             with trio.move_on_after(timeout):
-                await changed.wait()
+                await _first_of(changed.wait, reset.wait)
 
     async def _should_push(self) -> bool:
         if self.mode == "always":
@@ -692,12 +792,13 @@ class MailboxSync:
         others = {*authors, *node.peer_info} - {node.node_id}
         return not others or not others <= set(node.active)
 
-    async def _push_batch(self, client: MailboxClient) -> None:
+    async def _push_batch(self, client: MailboxClient, generation: int) -> None:
         node, store = self.node, self.node.store
         joined = client.joined
         batch = await node.locked(store.own_entries_after, self.push_cursor, PUSH_BATCH)
         inflight: collections.deque[tuple[int | None, str]] = collections.deque()
         pushed_to = self.push_cursor
+        pushed_before = self.stats.pushed_entries + self.stats.pushed_objects
         paused: _PushPaused | None = None
 
         def pause(delay: float, why: str) -> None:
@@ -716,6 +817,7 @@ class MailboxSync:
             marker, what = inflight.popleft()
             message = await client.reply()
             if isinstance(message, wire.Pushed):
+                self._saw_head(joined.log_id, message.cursor, generation)
                 self.quota_used = message.used
                 if message.new:
                     if what == "entry":
@@ -772,7 +874,11 @@ class MailboxSync:
             while inflight:
                 await settle()
         finally:
-            if pushed_to != self.push_cursor:
+            if self.stats.pushed_entries + self.stats.pushed_objects != pushed_before:
+                self._pushed_event.set()  # the pull session pulls them (see _pull_session)
+                self._pushed_event = trio.Event()
+            # After a reset (relayd rolled back) what the old relayd acknowledged may be lost.
+            if pushed_to != self.push_cursor and self._resets == generation:
                 self.push_cursor = pushed_to
                 with trio.CancelScope(shield=True):
                     await node.locked(
@@ -802,6 +908,28 @@ class MailboxSync:
             return self.node.store.read_object(oid)
         except errors.P2PSyncError:
             return None
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return once the first of ``waits`` returns; the others are cancelled.
+
+    An error of one is raised as itself (not in an exception group), for
+    :meth:`MailboxSync._keep` to tell a broken stream from a bug.
+    """
+    failed: list[Exception] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run(wait: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await wait()
+            except Exception as exc:  # re-raised below, unwrapped
+                failed.append(exc)
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(run, wait)
+    if failed:
+        raise failed[0]
 
 
 async def run_mailbox_sync(node: Node, relay: RelayClient, mode: str) -> None:

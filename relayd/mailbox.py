@@ -11,9 +11,10 @@ blobs consist of. Each item has a
 **cursor**, the mailbox's ``head`` plus one, assigned in the same
 ``BEGIN IMMEDIATE`` transaction that inserts the item: cursors have no gaps
 (a refused push rolls back and uses none), are never reused (``head`` only
-grows, and the mailbox row outlives its items), and never come from a
-clock. An item also records its sender's NodeId, size, content hash
-(BLAKE3: the entry id or the object id), creation and expiry time.
+grows, and the mailbox row outlives its items; unless the database itself
+is rolled back, see Durability), and never come from a clock. An item
+also records its sender's NodeId, size, content hash (BLAKE3: the entry
+id or the object id), creation and expiry time.
 
 Rules the store keeps
 ~~~~~~~~~~~~~~~~~~~~~
@@ -80,14 +81,17 @@ Durability
 WAL with ``synchronous=NORMAL``: a commit is in the WAL before the push is
 acknowledged, so a relayd killed at any moment (SIGKILL) loses only pushes
 it had not acknowledged (the kernel keeps the WAL's pages); a power loss
-may roll back the last few commits (SQLite's documented trade-off), which
-nodes repair by pushing again, since their local store is the source of
-truth. A file is written to a temporary name, fsynced and renamed before
-the transaction that records it commits; a crash in between leaves a
-stray file that cleanup removes. Every object read back is hashed against
-its name; a damaged or missing one is dropped and reported missing; a read
-that fails for another reason (EMFILE, EIO) keeps the item and refuses the
-FETCH with ``try-again``.
+may roll back the last few commits (SQLite's documented trade-off), and a
+restore from a backup rolls back more, keeping the ``log_id``: the head
+goes back and its cursors are handed out again. Nodes see a JOINED head
+below what they pulled or saw, and pull everything again and push their
+whole feed again (:mod:`p2psync.mailbox_sync`, "Starting over"), since
+their local store is the source of truth. A file is written to a
+temporary name, fsynced and renamed before the transaction that records
+it commits; a crash in between leaves a stray file that cleanup removes.
+Every object read back is hashed against its name; a damaged or missing
+one is dropped and reported missing; a read that fails for another reason
+(EMFILE, EIO) keeps the item and refuses the FETCH with ``try-again``.
 
 Schema (``PRAGMA user_version`` is the schema version; :data:`MIGRATIONS`
 upgrade older databases in order, each in one transaction)::

@@ -2,7 +2,9 @@
 
 Device A writes while B is off; A goes away; B comes online and gets
 everything from relayd, which held only ciphertext. And relayd killed with
-SIGKILL in the middle of pushes loses nothing it acknowledged.
+SIGKILL in the middle of pushes loses nothing it acknowledged; a relayd
+whose database was rolled back (restored from a copy) gets back what it
+lost from the nodes, and they pull what is new in it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -49,10 +52,10 @@ FAST = RelayClientConfig(backoff_initial=0.05, backoff_max=0.5, ping_interval=1.
 
 @asynccontextmanager
 async def relay_with_data(
-    data: Path, mailbox: MailboxConfig | None = None
+    data: Path, mailbox: MailboxConfig | None = None, udp_port: int = 0
 ) -> AsyncIterator[RelaydAddresses]:
     config = RelaydConfig(
-        listen=HostPort("127.0.0.1", 0),
+        listen=HostPort("127.0.0.1", udp_port),
         http=HostPort("127.0.0.1", 0),
         data_dir=str(data),
         mailbox=mailbox or MailboxConfig(),
@@ -61,6 +64,47 @@ async def relay_with_data(
         addresses: RelaydAddresses = await nursery.start(partial(serve, config))
         yield addresses
         nursery.cancel_scope.cancel()
+
+
+class RestartableRelay:
+    """A relayd on a fixed port that a test stops and starts again while nodes run on."""
+
+    def __init__(self, nursery: trio.Nursery, data: Path, udp_port: int) -> None:
+        self.nursery, self.data, self.udp_port = nursery, data, udp_port
+        self._stop: trio.Event | None = None
+        self._stopped = trio.Event()
+
+    async def start(self) -> RelaydAddresses:
+        stop, stopped = trio.Event(), trio.Event()
+        self._stop, self._stopped = stop, stopped
+
+        async def run(task_status: trio.TaskStatus[RelaydAddresses]) -> None:
+            try:
+                async with relay_with_data(self.data, udp_port=self.udp_port) as addresses:
+                    task_status.started(addresses)
+                    await stop.wait()
+            finally:
+                stopped.set()
+
+        addresses: RelaydAddresses = await self.nursery.start(run)
+        return addresses
+
+    async def stop(self) -> None:
+        assert self._stop is not None
+        self._stop.set()
+        await self._stopped.wait()
+
+
+def fast_relay_reconnects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes notice a relayd that went away, and reconnect to it, within seconds."""
+    import p2psync.mailbox_sync
+    import p2psync.node
+
+    fast = partial(RelayClientConfig, backoff_initial=0.05, backoff_max=0.5, ping_interval=0.5,
+                   ping_timeout=1.0)  # fmt: skip
+    monkeypatch.setattr(p2psync.node, "RelayClientConfig", fast)
+    monkeypatch.setattr(p2psync.mailbox_sync, "RETRY_MIN_S", 0.1)
+    monkeypatch.setattr(p2psync.mailbox_sync, "RETRY_MAX_S", 0.5)
 
 
 def relay_text(relay: RelaydAddresses) -> str:
@@ -237,10 +281,10 @@ async def test_entries_older_than_the_retention_are_pushed_and_arrive(
 
 @asynccontextmanager
 async def raw_member(
-    relay: RelaydAddresses, keys: GroupKeys
+    relay: RelaydAddresses, keys: GroupKeys, me: Identity | None = None
 ) -> AsyncIterator[tuple[Identity, MailboxClient]]:
     """A device that talks to the mailbox by hand (its entries are signed by the test)."""
-    me = Identity.generate(os.urandom)
+    me = me or Identity.generate(os.urandom)
     config = EndpointConfig(bind_host="127.0.0.1", alpn=(RELAY_ALPN,))
     async with (
         open_endpoint(me, config) as endpoint,
@@ -368,6 +412,185 @@ async def test_an_entry_relayd_refuses_holds_the_push_cursor(
                 await until(lambda: "clock-skew" in (mailbox.last_error or ""))
                 assert mailbox.push_cursor == 0 and mailbox.stats.pushed_entries == 0
                 assert mailbox.pending_uploads == 2
+
+
+async def test_quota_exceeded_pauses_the_push_without_moving_its_cursor(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The group's quota holds one 40 KiB file, not two: A pushes the second entry, relayd
+    refuses its chunk, and A keeps the entry pending (cursor before it) for the next try."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    a_home = make_home("a", secret)
+    tight = MailboxConfig(max_item_bytes=64 * 1024, group_quota_bytes=64 * 1024 + 1024)
+    with trio.fail_after(120):
+        async with relay_with_data(tmp_path / "relay-data", tight) as relay:
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="always")
+            async with open_node(a_home, options) as a:
+                await a.put_bytes(os.urandom(40 * 1024), key="first")
+                await until(lambda: a.mailbox is not None and a.mailbox.pending_uploads == 0)
+                mailbox = a.mailbox
+                assert mailbox is not None and mailbox.stats.pushed_objects == 1
+                first_cursor = mailbox.push_cursor
+                assert first_cursor > 0
+                await a.put_bytes(os.urandom(40 * 1024), key="second")
+                await until(lambda: "quota-exceeded" in (mailbox.last_error or ""))
+                assert mailbox.push_cursor == first_cursor  # not past the refused blob
+                assert mailbox.pending_uploads == 1
+                assert mailbox.stats.pushed_entries == 2 and mailbox.stats.pushed_objects == 1
+                assert mailbox.stats.rejected == 0 and mailbox.stats.skipped_objects == 0
+                saved = await a.locked(a.store.mailbox_state, mailbox.relay_id, mailbox.mailbox)
+                assert saved is not None and saved[2] == first_cursor
+                text = await metrics(relay.http)
+                assert 'relayd_mailbox_rejections_total{reason="quota-exceeded"} 1' in text
+
+
+async def test_pull_cursor_resumes_after_a_node_restart(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """B pulls 3 entries and stops; 2 more arrive; B starts again and pulls only those 2."""
+    block_direct_paths(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    keys = secret.keys()
+    b_home = make_home("b", secret)
+    with trio.fail_after(120):
+        async with (
+            relay_with_data(tmp_path / "relay-data") as relay,
+            raw_member(relay, keys) as (x, pusher),
+        ):
+            raws = feed(x, keys, 5)
+            for raw in raws[:3]:
+                await pusher.request(wire.PushEntry(raw), wire.Pushed)
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="pull")
+            async with open_node(b_home, options) as b:
+                await until(lambda: b.mailbox is not None and b.mailbox.pull_cursor == 3)
+                assert b.store.frontier().get(x.node_id) == 3
+            for raw in raws[3:]:
+                await pusher.request(wire.PushEntry(raw), wire.Pushed)
+            async with open_node(b_home, options) as b:
+                await until(lambda: b.mailbox is not None and b.mailbox.pull_cursor == 5)
+                assert b.store.frontier().get(x.node_id) == 5
+                stats = b.mailbox.stats if b.mailbox is not None else None
+                # From the saved cursor: the first three were not pulled (nor stored) again.
+                assert stats is not None
+                assert (stats.pulled_entries, stats.pulled_duplicates) == (2, 0)
+
+
+async def test_pull_goes_on_after_the_relay_connection_drops_and_comes_back(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """relayd goes away under a running B and comes back: B pulls what is pushed after."""
+    block_direct_paths(monkeypatch)
+    fast_relay_reconnects(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    keys = secret.keys()
+    b_home = make_home("b", secret)
+    x = Identity.generate(os.urandom)
+    raws = feed(x, keys, 4)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            relayd = RestartableRelay(nursery, tmp_path / "relay-data", free_udp_port())
+            relay = await relayd.start()
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="pull")
+            async with open_node(b_home, options) as b:
+                async with raw_member(relay, keys, x) as (_, pusher):
+                    for raw in raws[:2]:
+                        await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                await until(lambda: b.mailbox is not None and b.mailbox.pull_cursor == 2)
+                mailbox = b.mailbox
+                assert mailbox is not None
+                await relayd.stop()
+                await until(lambda: not mailbox.relay.connected)
+                relay = await relayd.start()
+                async with raw_member(relay, keys, x) as (_, pusher):
+                    for raw in raws[2:]:
+                        await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                await until(lambda: b.store.frontier().get(x.node_id) == 4)
+                await until(lambda: mailbox.pull_cursor == 4)
+                assert mailbox.stats.pulled_entries == 4 and mailbox.stats.pulled_duplicates == 0
+                assert mailbox.stats.rollbacks == 0 and mailbox.stats.rejected == 0
+            nursery.cancel_scope.cancel()
+
+
+def items_by_author(data: Path, author: NodeId) -> int:
+    """Entries of ``author`` relayd's database holds (read beside the running relayd)."""
+    db = sqlite3.connect(data / "mailbox" / "mailbox.sqlite")
+    try:
+        row = db.execute(
+            "SELECT count(*) FROM items WHERE kind = 1 AND author = ?", (author.raw,)
+        ).fetchone()
+    finally:
+        db.close()
+    return int(row[0])
+
+
+@pytest.mark.parametrize("a_stays_up", [True, False], ids=["node-up", "node-restarted"])
+async def test_a_rolled_back_relay_gets_lost_pushes_again_and_new_items_are_pulled(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    a_stays_up: bool,
+) -> None:  # fmt: skip
+    """relayd's data dir is copied after A pushed 3 files, A pushes 3 more, then the copy is
+    restored (a backup restore, or a power loss that lost the last commits) and relayd hands
+    out cursors 7.. again, to X's new entries. A pulled to 12 before: it must see the
+    rollback, pull X's entries anyway, and push again the 3 files relayd lost."""
+    block_direct_paths(monkeypatch)
+    fast_relay_reconnects(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    keys = secret.keys()
+    a_home = make_home("a", secret)
+    data, copy = tmp_path / "relay-data", tmp_path / "relay-data-copy"
+    with trio.fail_after(150):
+        async with trio.open_nursery() as nursery, AsyncExitStack() as running:
+            relayd = RestartableRelay(nursery, data, free_udp_port())
+            relay = await relayd.start()
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="always")
+            a = await running.enter_async_context(open_node(a_home, options))
+            a_id = a.node_id
+
+            def pulled_to(cursor: int) -> Callable[[], bool]:
+                return lambda: (
+                    a.mailbox is not None and a.mailbox.pending_uploads == 0
+                    and a.mailbox.pull_cursor == cursor
+                )  # fmt: skip
+
+            for i in range(3):
+                await a.put_bytes(b"before the copy %d" % i, key=f"kept/{i}")
+            await until(pulled_to(6))  # 3 entries, 3 chunks: pushed, and pulled back
+            await relayd.stop()
+            shutil.copytree(data, copy)
+            relay = await relayd.start()
+            for i in range(3):
+                await a.put_bytes(b"after the copy %d" % i, key=f"lost/{i}")
+            await until(pulled_to(12))
+            assert a.mailbox is not None and a.mailbox.stats.rollbacks == 0
+            if not a_stays_up:
+                await running.aclose()  # A is off while relayd rolls back
+            await relayd.stop()
+            shutil.rmtree(data)
+            shutil.copytree(copy, data)
+            relay = await relayd.start()
+            assert items_by_author(data, a_id) == 3
+            # X writes after the rollback: its entries get cursors 7 and 8, which A passed.
+            async with raw_member(relay, keys) as (x, pusher):
+                for raw in feed(x, keys, 2):
+                    pushed = await pusher.request(wire.PushEntry(raw), wire.Pushed)
+                    assert pushed.cursor <= 12
+            if not a_stays_up:
+                a = await running.enter_async_context(open_node(a_home, options))
+            await until(lambda: a.store.frontier().get(x.node_id) == 2)
+            await until(lambda: items_by_author(data, a_id) == 6)
+            # Pushed again from the start: the first 3 files relayd still held (entries and
+            # chunks), the last 3 it had lost and takes again.
+            await until(pulled_to(6 + 2 + 6))
+            mailbox = a.mailbox
+            assert mailbox is not None
+            assert mailbox.stats.rollbacks == 1
+            assert mailbox.stats.already_there == 6
+            new = 9 if a_stays_up else 3  # a restarted node's stats start over
+            assert mailbox.stats.pushed_entries == mailbox.stats.pushed_objects == new
+            assert mailbox.stats.pulled_entries == 2 and mailbox.stats.rejected == 0
+            await running.aclose()
+            nursery.cancel_scope.cancel()
 
 
 # --- relayd SIGKILLed during pushes ----------------------------------------------------------
