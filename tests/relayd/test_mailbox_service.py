@@ -151,6 +151,10 @@ async def test_notify_proof_and_metrics_over_quic(tmp_path: Path) -> None:
             text = await metrics(relay.http)
     assert "relayd_mailbox_groups 1" in text
     assert "relayd_mailbox_items 2" in text  # two entries; the rotten chunk is gone
+    # Bytes held: those two entries, each charged its size and the per-item overhead.
+    held = re.search(r"^relayd_mailbox_bytes (\S+)$", text, re.MULTILINE)
+    overhead = relayd_defaults.MAILBOX_ITEM_OVERHEAD_BYTES
+    assert held is not None and float(held[1]) == len(raw) + len(put) + 2 * overhead
     assert 'relayd_mailbox_evictions_total{reason="damaged"} 1' in text
     assert 'relayd_mailbox_rejections_total{reason="bad-proof"} 1' in text
     assert 'relayd_mailbox_rejections_total{reason="bad-entry"} 1' in text
