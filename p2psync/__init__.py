@@ -46,6 +46,8 @@ _EXPORTS = {
     "join_group": "p2psync.library",
     "options_from_config": "p2psync.library",
     "Joined": "p2psync.library",
+    "ShortInvite": "p2psync.join",
+    "JoinRefused": "p2psync.pairing",
     "Change": "p2psync.api",
     "PullResult": "p2psync.api",
     "PeerStatus": "p2psync.api",
@@ -87,8 +89,10 @@ if TYPE_CHECKING:
     )
     from p2psync.errors import ConfigError, LocalProtocolError, NotFound, P2PSyncError
     from p2psync.home import Home
+    from p2psync.join import ShortInvite
     from p2psync.library import Joined, create_group, init, join_group, options_from_config
     from p2psync.node import Node, NodeOptions, StaticPeer, open_node
+    from p2psync.pairing import JoinRefused
     from p2psync.store import BlobPending
 
 
@@ -112,6 +116,7 @@ __all__ = [
     "ConfigError",
     "EventsDropped",
     "Home",
+    "JoinRefused",
     "Joined",
     "LocalProtocolError",
     "Node",
@@ -125,6 +130,7 @@ __all__ = [
     "PeerStatus",
     "ProgressMeter",
     "PullResult",
+    "ShortInvite",
     "StaticPeer",
     "Subscription",
     "SyncProgress",
