@@ -51,6 +51,12 @@ the *ratio* is the figure to compare across runs.
     ``store``; ``--blobs`` makes them PUTs of a few bytes each instead, so B
     also fetches one object per entry.
 
+``relay`` and ``mailbox``
+    relayd's figures, in :mod:`netsim.bench_relay` (relayed vs direct sync,
+    relayd CPU per relayed MB, idle connections and RSS, re-accept after a
+    restart) and :mod:`netsim.bench_mailbox` (pushes/s, pulls/s, MB/s of
+    chunks, relayd RSS); each takes its own options (``relay --help``).
+
 Child processes are this module (``_child ROLE JSON``) talking JSON lines
 over stdin/stdout; their stderr goes to a log in the work dir (its tail is
 printed if a step fails). Every wait is bounded by ``--timeout``; children
@@ -820,6 +826,11 @@ def main(argv: list[str] | None = None) -> int:
     entries = sub.add_parser("entries", help="small entries node to node, end to end")
     entries.add_argument("--count", type=int, default=10_000)
     entries.add_argument("--blobs", action="store_true", help="PUTs of a tiny blob each")
+    # Listed for --help only: main() hands these to their own modules before parsing.
+    sub.add_parser("relay", help="relayed vs direct sync, relayd CPU/MB, idle connections, "
+                   "restart (options: relay --help)")  # fmt: skip
+    sub.add_parser("mailbox", help="relayd's mailbox: pushes/s, pulls/s, MB/s, RSS "
+                   "(options: mailbox --help)")  # fmt: skip
     for command in (store, throughput, entries):
         command.add_argument("--json", metavar="FILE", help="also write the report as JSON")
         command.add_argument("--dir", help="work directory (default: a temp dir, removed)")
