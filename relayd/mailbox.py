@@ -82,10 +82,15 @@ WAL with ``synchronous=NORMAL``: a commit is in the WAL before the push is
 acknowledged, so a relayd killed at any moment (SIGKILL) loses only pushes
 it had not acknowledged (the kernel keeps the WAL's pages); a power loss
 may roll back the last few commits (SQLite's documented trade-off), and a
-restore from a backup rolls back more, keeping the ``log_id``: the head
-goes back and its cursors are handed out again. Nodes see a JOINED head
-below what they pulled or saw, and pull everything again and push their
-whole feed again (:mod:`p2psync.mailbox_sync`, "Starting over"), since
+restore from a backup rolls back more: the head goes back and its cursors
+are handed out again. So the store keeps a running mark (``running``, the
+machine's boot id while open, removed by :meth:`MailboxStore.close`); a
+mark of another boot at open (the machine went down under relayd), or any
+other text in it (an operator's mark after a restore), gives every log a
+new ``log_id`` (:func:`_mark_running`). Nodes start over on a new
+``log_id``, and also when a JOINED head is below what they pulled or saw:
+they pull everything again and push their whole feed again
+(:mod:`p2psync.mailbox_sync`, "Starting over"), since
 their local store is the source of truth. A file is written to a
 temporary name, fsynced and renamed before the transaction that records
 it commits; a crash in between leaves a stray file that cleanup removes.
@@ -145,6 +150,19 @@ log = logging.getLogger(__name__)
 
 DB_FILE: Final = "mailbox.sqlite"
 OBJECTS_DIR: Final = "objects"
+# Which boot of the machine the store was last opened in; removed on close.
+RUNNING_MARK: Final = "running"
+_BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id() -> str:
+    """This boot of the machine (Linux's random boot id), or "" where there is none."""
+    try:
+        return _BOOT_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
 ITEM_ENTRY: Final = 1
 ITEM_OBJECT: Final = 2
 
@@ -397,6 +415,55 @@ _DELIVERED: Final = (
 # --- the store ---------------------------------------------------------------------------
 
 
+def _mark_running(
+    db: sqlite3.Connection, mark: Path, boot_id: str, random_bytes: RandomBytes
+) -> int:
+    """Record that the store is open in boot ``boot_id``; renew every log_id if the
+    mark left by the last open names another boot (or anything else). Returns
+    the number of logs renewed.
+
+    A mark that is still there names the boot in which relayd last had the
+    store open and did not close it. The same boot: the process died
+    (SIGKILL, a crash), which loses nothing committed (the kernel still had
+    the WAL's pages). Another boot: the machine went down under relayd
+    (power loss, kernel crash), which with ``synchronous=NORMAL`` may have
+    rolled back the last commits, so cursors already handed out could be
+    handed out again: a new ``log_id`` tells every node to start over.
+    """
+    renewed = 0
+    try:
+        previous: str | None = mark.read_text().strip()
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and (not boot_id or previous != boot_id):
+        rows = db.execute("SELECT mailbox FROM mailboxes").fetchall()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for (mailbox,) in rows:
+                db.execute(
+                    "UPDATE mailboxes SET log_id = ? WHERE mailbox = ?",
+                    (random_bytes(LOG_ID_SIZE), mailbox),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("PRAGMA wal_checkpoint(FULL)")  # the new ids are on disk before we go on
+        renewed = len(rows)
+        log.warning(
+            "the mailbox store was open when the machine went down (or the running mark was "
+            "set): %d logs get a new log_id, so nodes pull and push them again",
+            renewed,
+        )
+    tmp = mark.with_name(mark.name + ".tmp")
+    with open(tmp, "w") as out:
+        out.write(boot_id + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, mark)
+    return renewed
+
+
 class MailboxStore:
     """The mailboxes of one relayd data directory. Open with :meth:`open`; :meth:`close` it."""
 
@@ -418,6 +485,8 @@ class MailboxStore:
         # transaction commits, unless a row of it names the file again.
         self._doomed: list[tuple[bytes, bytes]] = []
         self.totals = self._read_totals(count_groups=True)
+        # Logs given a new log_id at open: the last run ended with the machine.
+        self.renewed_log_ids = 0
 
     @classmethod
     def open(
@@ -427,8 +496,13 @@ class MailboxStore:
         *,
         random_bytes: RandomBytes = os.urandom,
         free: Callable[[Path], int] = free_space,
+        boot_id: Callable[[], str] = current_boot_id,
     ) -> MailboxStore:
         """Open (creating, migrating) the mailbox database in ``directory``.
+
+        If the running mark says the store was open in another boot of the
+        machine (or holds anything but this boot's id), every log gets a new
+        ``log_id`` first (module docstring, "Durability").
 
         Raises :class:`~p2psync.errors.ConfigError` if it cannot, saying why.
         """
@@ -448,16 +522,24 @@ class MailboxStore:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             _migrate(db, directory / DB_FILE)
+            renewed = _mark_running(db, directory / RUNNING_MARK, boot_id(), random_bytes)
+        except OSError as exc:
+            db.close()
+            raise ConfigError(f"{directory / RUNNING_MARK}: cannot write: {exc}") from None
         except sqlite3.Error as exc:
             db.close()
             raise ConfigError(f"{directory / DB_FILE}: mailbox database unusable: {exc}") from None
         except ConfigError:
             db.close()
             raise
-        return cls(directory, db, config, random_bytes, free)
+        store = cls(directory, db, config, random_bytes, free)
+        store.renewed_log_ids = renewed
+        return store
 
     def close(self) -> None:
         self._db.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / RUNNING_MARK).unlink()
 
     def __enter__(self) -> MailboxStore:
         return self

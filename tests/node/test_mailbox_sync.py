@@ -41,6 +41,7 @@ from p2psync.proto.entry import Kind, decode_entry_untrusted, sign_entry
 from p2psync.proto.relay import RELAY_ALPN
 from p2psync.store.objects import OVERHEAD, Meta, ObjectKind, object_id, seal, seal_meta
 from relayd.config import HostPort, MailboxConfig, RelaydConfig
+from relayd.mailbox import RUNNING_MARK
 from relayd.relay import RelaydAddresses, load_or_create_identity, serve
 
 from .conftest import wait_until
@@ -589,6 +590,59 @@ async def test_a_rolled_back_relay_gets_lost_pushes_again_and_new_items_are_pull
             new = 9 if a_stays_up else 3  # a restarted node's stats start over
             assert mailbox.stats.pushed_entries == mailbox.stats.pushed_objects == new
             assert mailbox.stats.pulled_entries == 2 and mailbox.stats.rejected == 0
+            await running.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_restore_marked_for_relayd_gives_a_new_log_and_nodes_start_over(
+    make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The rollback a node cannot see by itself: after the restore, another device pushes
+    past every cursor A had (head 16 > A's 12). The operator's mark (or a reboot under a
+    running relayd) makes relayd renew the log_id; A starts over, gets all of X's entries
+    and pushes again the files relayd lost."""
+    block_direct_paths(monkeypatch)
+    fast_relay_reconnects(monkeypatch)
+    secret = GroupSecret.generate(os.urandom)
+    keys = secret.keys()
+    a_home = make_home("a", secret)
+    data, copy = tmp_path / "relay-data", tmp_path / "relay-data-copy"
+    with trio.fail_after(150):
+        async with trio.open_nursery() as nursery, AsyncExitStack() as running:
+            relayd = RestartableRelay(nursery, data, free_udp_port())
+            relay = await relayd.start()
+            options = NodeOptions(listen=LOOPBACK, relay=relay_text(relay), mailbox="always")
+            a = await running.enter_async_context(open_node(a_home, options))
+            a_id = a.node_id
+
+            def pulled_to(cursor: int) -> Callable[[], bool]:
+                return lambda: (
+                    a.mailbox is not None and a.mailbox.pending_uploads == 0
+                    and a.mailbox.pull_cursor == cursor
+                )  # fmt: skip
+
+            for i in range(3):
+                await a.put_bytes(b"before the copy %d" % i, key=f"kept/{i}")
+            await until(pulled_to(6))
+            await relayd.stop()
+            shutil.copytree(data, copy)
+            relay = await relayd.start()
+            for i in range(3):
+                await a.put_bytes(b"after the copy %d" % i, key=f"lost/{i}")
+            await until(pulled_to(12))
+            await relayd.stop()
+            shutil.rmtree(data)
+            shutil.copytree(copy, data)
+            (data / "mailbox" / RUNNING_MARK).write_text("restored\n")  # docs/mailbox.md
+            relay = await relayd.start()
+            async with raw_member(relay, keys) as (x, pusher):
+                for raw in feed(x, keys, 10):
+                    await pusher.request(wire.PushEntry(raw), wire.Pushed)
+            await until(lambda: a.store.frontier().get(x.node_id) == 10)
+            await until(lambda: items_by_author(data, a_id) == 6)
+            mailbox = a.mailbox
+            assert mailbox is not None
+            assert mailbox.stats.pulled_entries == 10 and mailbox.stats.rejected == 0
             await running.aclose()
             nursery.cancel_scope.cancel()
 

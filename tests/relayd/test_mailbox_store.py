@@ -37,7 +37,14 @@ from p2psync.store.objects import (
 )
 from relayd import defaults as relayd_defaults
 from relayd.config import MailboxConfig, config_from_mapping
-from relayd.mailbox import DB_FILE, SCHEMA_VERSION, FetchResult, MailboxRefused, MailboxStore
+from relayd.mailbox import (
+    DB_FILE,
+    RUNNING_MARK,
+    SCHEMA_VERSION,
+    FetchResult,
+    MailboxRefused,
+    MailboxStore,
+)
 from relayd.mailbox_service import MailboxSession, SessionState
 
 NOW = 1_900_000_000.0
@@ -678,6 +685,50 @@ def test_items_survive_reopening_and_schema_is_versioned(
     db.close()
     with pytest.raises(ConfigError, match="newer than this relayd"):
         MailboxStore.open(tmp_path / "mailbox", MailboxConfig())
+
+
+def test_a_store_left_open_across_a_reboot_gives_every_log_a_new_log_id(
+    keys: GroupKeys, mailbox: bytes, tmp_path: Path
+) -> None:
+    """synchronous=NORMAL may lose the last commits to a power loss, never to a killed
+    process: only a store the machine went down under (or one an operator marked,
+    after restoring a backup) renews its log ids, so nodes start over."""
+    directory = tmp_path / "mailbox"
+    config = MailboxConfig(min_free_bytes=0)
+    feed = Feed(keys)
+
+    def opened(boot: str) -> MailboxStore:
+        return MailboxStore.open(directory, config, boot_id=lambda: boot)
+
+    store = opened("boot-1")
+    assert (directory / RUNNING_MARK).read_text().strip() == "boot-1"
+    first = store.join(mailbox, feed.node, NOW).log_id
+    store.push_entry(mailbox, feed.node, feed.entry(), NOW)
+    store._db.close()  # killed: no close(), the mark stays
+
+    again = opened("boot-1")  # the same boot: a killed process lost nothing
+    assert again.renewed_log_ids == 0
+    assert again.join(mailbox, feed.node, NOW).log_id == first
+    again._db.close()
+
+    rebooted = opened("boot-2")  # the machine went down under it
+    assert rebooted.renewed_log_ids == 1
+    info = rebooted.join(mailbox, feed.node, NOW)
+    assert info.log_id != first and info.head == 1  # items kept, cursors not to be trusted
+    renewed = info.log_id
+    rebooted.close()
+    assert not (directory / RUNNING_MARK).exists()
+
+    clean = opened("boot-3")  # closed cleanly before: nothing to renew
+    assert clean.renewed_log_ids == 0
+    assert clean.join(mailbox, feed.node, NOW).log_id == renewed
+    clean.close()
+
+    (directory / RUNNING_MARK).write_text("restored\n")  # an operator after a restore
+    restored = opened("boot-3")
+    assert restored.renewed_log_ids == 1
+    assert restored.join(mailbox, feed.node, NOW).log_id != renewed
+    restored.close()
 
 
 # --- the session: membership -----------------------------------------------------------------
