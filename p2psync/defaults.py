@@ -349,6 +349,9 @@ LAN_DIAL_TIMEOUT = 3.0
 # Asking the relay where a peer is should take one round trip; give up on
 # the lookup (and dial over the relay anyway) after this long.
 RELAY_LOOKUP_TIMEOUT = 2.0
+# How often a node compares its interface addresses with what it published
+# to its relay; a change costs one new login (AUTH carries the addresses).
+RELAY_REPUBLISH_INTERVAL = 10.0
 # Asking a relay named by HOST:PORT for its NodeId (one QUIC handshake; a
 # relay that is down is retried with the relay client's backoff).
 RELAY_IDENTIFY_TIMEOUT = 10.0

@@ -1434,16 +1434,12 @@ async def _run_relay(
                 await trio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, config.backoff_max)
         node.relay_error = None
-    host, port = node.endpoint.local_address
-    published = [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
-    if host not in ("0.0.0.0", ""):
-        published = [(host, port)]
     async with open_relay_client(
         node.endpoint,
         node.store.identity,
         relay_address,
         relay_node_id,
-        published,
+        _published_addresses(node),
         config=RelayClientConfig(access_token=node.options.relay_token),
         deliver=node.endpoint.receive_relayed_batch,  # every read's datagrams at once
     ) as relay:
@@ -1460,10 +1456,33 @@ async def _run_relay(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_mailbox_sync, node, relay, node.options.mailbox)
                 nursery.start_soon(_netcheck_loop, node, relay)
+                nursery.start_soon(_republish_loop, node, relay)
                 await trio.sleep_forever()
         finally:
             node.endpoint.set_relay(None)
             node.relay = None
+
+
+def _published_addresses(node: Node) -> list[Address]:
+    """The local addresses we tell the relay (its LOOKUPs hand them to peers).
+
+    Our socket's address if bound to one, else every non-loopback IPv4
+    address of this machine with our port.
+    """
+    host, port = node.endpoint.local_address
+    if host not in ("0.0.0.0", ""):
+        return [(host, port)]
+    return [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
+
+
+async def _republish_loop(node: Node, relay: RelayClient) -> None:
+    """Tell the relay when our interface addresses change (Wi-Fi to Ethernet, a
+    new DHCP lease): peers that look us up get the addresses we have now."""
+    while True:
+        await trio.sleep(defaults.RELAY_REPUBLISH_INTERVAL)
+        published = await trio.to_thread.run_sync(_published_addresses, node)
+        if relay.republish(published):
+            log.info("local addresses changed; published %s", published)
 
 
 async def _netcheck_loop(node: Node, relay: RelayClient) -> None:

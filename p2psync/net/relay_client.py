@@ -12,6 +12,9 @@ While connected, the client
 
 - tells the relay the local addresses the node publishes (AUTH) and learns
   its own public address as the relay sees it (:attr:`RelayClient.our_public_address`);
+  :meth:`RelayClient.republish` changes them: the client logs in again at
+  once (a new AUTH carries them; the protocol has no separate update), so
+  LOOKUPs answer the new addresses within a round trip or two;
 - carries opaque payloads: :meth:`RelayClient.send` / :meth:`RelayClient.try_send`
   to a NodeId, and hands what arrives either to a synchronous ``deliver``
   callback (the node's endpoint: :meth:`~p2psync.net.endpoint.Endpoint.receive_relayed_batch`),
@@ -207,6 +210,7 @@ class RelayClientStats:
     connects: int = 0  # successful WELCOMEs
     fast_path_connects: int = 0  # ... of which granted the UDP fast path
     failures: int = 0  # connection attempts or sessions that ended in an error
+    republishes: int = 0  # published addresses changed (each a new login)
     errors: dict[int, int] = field(default_factory=dict)  # ERROR codes received
 
 
@@ -281,6 +285,7 @@ class RelayClient:
         self._session_id = 0
         self._conn: Connection | None = None
         self._auth_flags = True  # False once the relay refused an AUTH with flags
+        self._session_scope: trio.CancelScope | None = None
 
     @property
     def spec(self) -> str:
@@ -377,14 +382,42 @@ class RelayClient:
 
     # --- the connection loop ---------------------------------------------------------------
 
+    def republish(self, addresses: Sequence[Address]) -> bool:
+        """Publish ``addresses`` instead (the node's interfaces changed).
+
+        Returns True if they differ from the published ones; a connected
+        client then logs in again at once to tell the relay (AUTH is where
+        they travel), a connecting one sends them in its next AUTH.
+        """
+        addresses = tuple(addresses)
+        if addresses == self.published_addresses:
+            return False
+        self.published_addresses = addresses
+        self.stats.republishes += 1
+        if self._session_scope is not None and self.state is RelayState.CONNECTED:
+            self._session_scope.cancel()
+        return True
+
     async def _run(self) -> None:
         delay = self.config.backoff_initial
         while True:
             self.state = RelayState.CONNECTING
             connects = self.stats.connects
             try:
-                await self._session()
+                with trio.CancelScope() as scope:
+                    self._session_scope = scope
+                    await self._session()
+                self._session_scope = None
+                if scope.cancelled_caught:  # republish(): log in again now, no backoff
+                    logger.info(
+                        "relay %s: logging in again to publish %d new address(es)",
+                        self.relay_node_id.short(),
+                        len(self.published_addresses),
+                    )
+                    delay = self.config.backoff_initial
+                    continue
             except BaseException as exc:
+                self._session_scope = None
                 if _contains(exc, ResourceClosed) and not _contains(exc, trio.Cancelled):
                     self.state = RelayState.CLOSED
                     return  # our endpoint is closed: nothing to reconnect with

@@ -168,6 +168,24 @@ async def test_two_nodes_exchange_payloads_through_the_relay() -> None:
         assert samples["relayd_connections"] == 2
 
 
+async def test_republished_addresses_reach_lookups_without_waiting_for_a_break() -> None:
+    """A node whose interfaces changed logs in again at once; LOOKUPs answer the new ones."""
+    async with (
+        running_relay(relay_config()) as relay,
+        relay_node(relay, published=(("192.168.7.7", 4000),)) as (a_endpoint, a),
+        relay_node(relay) as (_, b),
+    ):
+        with trio.fail_after(10):
+            assert not a.republish([("192.168.7.7", 4000)])  # unchanged: nothing happens
+            assert a.stats.connects == 1
+            assert a.republish([("10.1.2.3", 4000), ("192.168.8.8", 4000)])
+            await eventually(lambda: a.stats.connects == 2 and a.connected)
+            found = await b.lookup(a_endpoint.node_id)
+        assert found.connected
+        assert found.published == (("10.1.2.3", 4000), ("192.168.8.8", 4000))
+        assert a.stats.failures == 0 and a.stats.republishes == 1
+
+
 @pytest.mark.parametrize("deliver", [False, True], ids=["channel", "deliver"])
 async def test_a_burst_of_frames_in_one_read_is_not_dropped_for_a_reading_node(
     deliver: bool,
