@@ -346,6 +346,10 @@ PEER_SEEN_FINAL_WRITE_TIMEOUT = 2.0
 # A LAN address found by mDNS answers within a second or not at all; try the
 # next one after this long.
 LAN_DIAL_TIMEOUT = 3.0
+# A LAN link found by mDNS that ends (a network blip, the peer's restart) is
+# dialed again with backoff for this long; mDNS re-reports a peer that comes
+# back later (its daemon re-advertises when it starts or its network changes).
+LAN_REDIAL_WINDOW = 600.0
 # Asking the relay where a peer is should take one round trip; give up on
 # the lookup (and dial over the relay anyway) after this long.
 RELAY_LOOKUP_TIMEOUT = 2.0

@@ -52,7 +52,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1370,28 +1370,47 @@ class Node:
         self._nursery.start_soon(self._dial_lan, peer)
 
     async def _dial_lan(self, peer: DiscoveredPeer) -> None:
-        """Dial the peer's LAN addresses in turn; run the first link that connects.
+        """Keep a link to a LAN peer mDNS found, while its advert is fresh.
 
+        Dial its LAN addresses (the newest mDNS gave) in turn and run the
+        first link that connects; when that link ends, or none connects,
+        try again after a backoff (``reconnect_min`` doubling to
+        ``reconnect_max``, jittered) for up to ``LAN_REDIAL_WINDOW`` since
+        the last link ended; stop as soon as another link to the peer runs
+        (it dialed us, or a static or relayed dial won). mDNS reports a peer
+        that comes back later anew, which starts this again.
         ``LAN_DIAL_TIMEOUT`` bounds each connect, never the link it gives.
         """
-        self._dialing.add(peer.node_id)
+        node_id = peer.node_id
+        self._dialing.add(node_id)
+        delay = self.options.reconnect_min
+        give_up = trio.current_time() + defaults.LAN_REDIAL_WINDOW
         try:
-            for address in peer.addresses:
-                conn: Connection | None = None
-                with trio.move_on_after(defaults.LAN_DIAL_TIMEOUT):
-                    try:
-                        conn = await self.endpoint.connect(peer.node_id, address)
-                    except (P2PSyncError, trio.BrokenResourceError, OSError) as exc:
-                        log.info("LAN peer %s not reachable at %s: %s", peer.node_id.short(),
-                                 address, exc)  # fmt: skip
-                if conn is None:
-                    continue
-                self._dialing.discard(peer.node_id)
-                with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
-                    await self.run_link(conn, dialed=True, expected=peer.node_id, address=address)
-                return
+            while self.active.get(node_id) is None and trio.current_time() < give_up:
+                info = self.peer_info.get(node_id)
+                addresses = info.lan_addresses if info is not None and info.lan_addresses else None
+                conn, address = await self._connect_lan(node_id, addresses or peer.addresses)
+                if conn is not None:
+                    with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
+                        await self.run_link(conn, dialed=True, expected=node_id, address=address)
+                    delay = self.options.reconnect_min
+                    give_up = trio.current_time() + defaults.LAN_REDIAL_WINDOW
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self.options.reconnect_max)
         finally:
-            self._dialing.discard(peer.node_id)
+            self._dialing.discard(node_id)
+
+    async def _connect_lan(
+        self, node_id: NodeId, addresses: Sequence[Address]
+    ) -> tuple[Connection | None, Address | None]:
+        """The first of ``addresses`` that connects within ``LAN_DIAL_TIMEOUT``, if any."""
+        for address in addresses:
+            with trio.move_on_after(defaults.LAN_DIAL_TIMEOUT):
+                try:
+                    return await self.endpoint.connect(node_id, address), address
+                except (P2PSyncError, trio.BrokenResourceError, OSError) as exc:
+                    log.info("LAN peer %s not reachable at %s: %s", node_id.short(), address, exc)
+        return None, None
 
     def _mdns_status(self, status: str) -> None:
         self.mdns_status = status
