@@ -133,22 +133,13 @@ def test_env_home(
     assert (Path(home) / "identity.key").exists()
 
 
-def demo_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Make the demo work in a known directory instead of a fresh temp one."""
-    workdir = tmp_path / "demo"
-
-    def mkdtemp(prefix: str = "") -> str:
-        workdir.mkdir()
-        return str(workdir)
-
-    monkeypatch.setattr("p2psync.demo.tempfile.mkdtemp", mkdtemp)
-    return workdir
-
-
 def test_demo_exits_zero_and_finds_no_plaintext(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    demo_workdir: Path,
 ) -> None:
-    workdir = demo_dir(monkeypatch, tmp_path)
+    workdir = demo_workdir
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
     assert not workdir.exists()  # a throw-away directory, removed
@@ -185,9 +176,12 @@ def test_demo_exits_zero_and_finds_no_plaintext(
 
 
 def test_demo_keep_leaves_homes_a_user_can_explore(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    demo_workdir: Path,
 ) -> None:
-    workdir = demo_dir(monkeypatch, tmp_path)
+    workdir = demo_workdir
     code, out, _ = run(capsys, "demo", "--keep")
     assert code == 0, out
     assert f"Kept the demo homes in {workdir}" in out
@@ -440,10 +434,13 @@ def test_daemon_honours_the_home_from_env_and_its_config(tmp_path: Path) -> None
         status = json.loads(cli("status", "--json").stdout)
         assert status["running"] and status["name"] == "server"
         assert status["listening"] == [f"127.0.0.1:{port}"]
+        # Ctrl-C as at a terminal: a shell that started this run in the background
+        # (CI, nohup-style wrappers) hands its children SIGINT ignored.
         watch = subprocess.Popen(
             [sys.executable, "-m", "p2psync.cli", "status", "--watch", "--json",
              "--interval", "0.2"],
             env=env, stdout=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         assert watch.stdout is not None
         snapshots = [json.loads(watch.stdout.readline()) for _ in range(2)]

@@ -12,21 +12,13 @@ import pytest
 from p2psync import demo
 
 
-def in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    workdir = tmp_path / "demo"
-
-    def mkdtemp(prefix: str = "") -> str:
-        workdir.mkdir()
-        return str(workdir)
-
-    monkeypatch.setattr("p2psync.demo.tempfile.mkdtemp", mkdtemp)
-    return workdir
-
-
 def test_a_step_that_times_out_is_one_line_and_exit_1(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    demo_workdir: Path,
 ) -> None:
-    workdir = in_tmp(monkeypatch, tmp_path)
+    workdir = demo_workdir
     # Pairing takes seconds, so it is given its usual time; syncing then gets none.
     pair = demo._Tour.pair
 
@@ -48,9 +40,11 @@ def test_a_step_that_times_out_is_one_line_and_exit_1(
 
 
 def test_a_pair_that_never_connects_is_a_failure(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    demo_workdir: Path,
 ) -> None:
-    in_tmp(monkeypatch, tmp_path)
     monkeypatch.setattr(demo, "CONNECT_TIMEOUT", 0.5)
     peer = demo._Tour._peer
 
