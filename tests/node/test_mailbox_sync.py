@@ -525,6 +525,28 @@ def items_by_author(data: Path, author: NodeId) -> int:
     return int(row[0])
 
 
+def pulled_to(node: Node, cursor: int) -> Callable[[], bool]:
+    """``node`` uploaded everything and pulled up to ``cursor``."""
+    return lambda: (
+        node.mailbox is not None and node.mailbox.pending_uploads == 0
+        and node.mailbox.pull_cursor == cursor
+    )  # fmt: skip
+
+
+async def push_copy_push(relayd: RestartableRelay, a: Node, copy: Path) -> None:
+    """A pushes 3 files (cursors 1-6: 3 entries, 3 chunks, pulled back), relayd's data
+    directory is copied to ``copy`` (relayd stopped meanwhile), A pushes 3 more (7-12)."""
+    for i in range(3):
+        await a.put_bytes(b"before the copy %d" % i, key=f"kept/{i}")
+    await until(pulled_to(a, 6))
+    await relayd.stop()
+    shutil.copytree(relayd.data, copy)
+    await relayd.start()
+    for i in range(3):
+        await a.put_bytes(b"after the copy %d" % i, key=f"lost/{i}")
+    await until(pulled_to(a, 12))
+
+
 @pytest.mark.parametrize("a_stays_up", [True, False], ids=["node-up", "node-restarted"])
 async def test_a_rolled_back_relay_gets_lost_pushes_again_and_new_items_are_pulled(
     make_home: Callable[..., Home], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -548,21 +570,7 @@ async def test_a_rolled_back_relay_gets_lost_pushes_again_and_new_items_are_pull
             a = await running.enter_async_context(open_node(a_home, options))
             a_id = a.node_id
 
-            def pulled_to(cursor: int) -> Callable[[], bool]:
-                return lambda: (
-                    a.mailbox is not None and a.mailbox.pending_uploads == 0
-                    and a.mailbox.pull_cursor == cursor
-                )  # fmt: skip
-
-            for i in range(3):
-                await a.put_bytes(b"before the copy %d" % i, key=f"kept/{i}")
-            await until(pulled_to(6))  # 3 entries, 3 chunks: pushed, and pulled back
-            await relayd.stop()
-            shutil.copytree(data, copy)
-            relay = await relayd.start()
-            for i in range(3):
-                await a.put_bytes(b"after the copy %d" % i, key=f"lost/{i}")
-            await until(pulled_to(12))
+            await push_copy_push(relayd, a, copy)
             assert a.mailbox is not None and a.mailbox.stats.rollbacks == 0
             if not a_stays_up:
                 await running.aclose()  # A is off while relayd rolls back
@@ -582,7 +590,7 @@ async def test_a_rolled_back_relay_gets_lost_pushes_again_and_new_items_are_pull
             await until(lambda: items_by_author(data, a_id) == 6)
             # Pushed again from the start: the first 3 files relayd still held (entries and
             # chunks), the last 3 it had lost and takes again.
-            await until(pulled_to(6 + 2 + 6))
+            await until(pulled_to(a, 6 + 2 + 6))
             mailbox = a.mailbox
             assert mailbox is not None
             assert mailbox.stats.rollbacks == 1
@@ -615,21 +623,7 @@ async def test_a_restore_marked_for_relayd_gives_a_new_log_and_nodes_start_over(
             a = await running.enter_async_context(open_node(a_home, options))
             a_id = a.node_id
 
-            def pulled_to(cursor: int) -> Callable[[], bool]:
-                return lambda: (
-                    a.mailbox is not None and a.mailbox.pending_uploads == 0
-                    and a.mailbox.pull_cursor == cursor
-                )  # fmt: skip
-
-            for i in range(3):
-                await a.put_bytes(b"before the copy %d" % i, key=f"kept/{i}")
-            await until(pulled_to(6))
-            await relayd.stop()
-            shutil.copytree(data, copy)
-            relay = await relayd.start()
-            for i in range(3):
-                await a.put_bytes(b"after the copy %d" % i, key=f"lost/{i}")
-            await until(pulled_to(12))
+            await push_copy_push(relayd, a, copy)
             await relayd.stop()
             shutil.rmtree(data)
             shutil.copytree(copy, data)
