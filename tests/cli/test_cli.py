@@ -135,14 +135,11 @@ def test_env_home(
 
 def test_demo_exits_zero_and_finds_no_plaintext(
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
     demo_workdir: Path,
 ) -> None:
-    workdir = demo_workdir
     code, out, _ = run(capsys, "demo")
     assert code == 0, out
-    assert not workdir.exists()  # a throw-away directory, removed
+    assert not demo_workdir.exists()  # a throw-away directory, removed
     assert out.count("found in 0 files") == 3
     assert "found in 1" not in out and "FAILED" not in out
     assert "phone $ p2psync join" in out and "tablet$ p2psync join" in out
@@ -177,20 +174,17 @@ def test_demo_exits_zero_and_finds_no_plaintext(
 
 def test_demo_keep_leaves_homes_a_user_can_explore(
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
     demo_workdir: Path,
 ) -> None:
-    workdir = demo_workdir
     code, out, _ = run(capsys, "demo", "--keep")
     assert code == 0, out
-    assert f"Kept the demo homes in {workdir}" in out
+    assert f"Kept the demo homes in {demo_workdir}" in out
     for name in ("laptop", "phone", "tablet"):
-        assert f"p2psync --home {workdir / name} ls" in out
-        code, listed, _ = run(capsys, "--home", str(workdir / name), "ls", "--json")
+        assert f"p2psync --home {demo_workdir / name} ls" in out
+        code, listed, _ = run(capsys, "--home", str(demo_workdir / name), "ls", "--json")
         assert code == 0
         assert [row["key"] for row in json.loads(listed)] == ["videos/clip.bin"]
-    code, devices, _ = run(capsys, "--home", str(workdir / "tablet"), "devices", "--json")
+    code, devices, _ = run(capsys, "--home", str(demo_workdir / "tablet"), "devices", "--json")
     assert code == 0 and {d["name"] for d in json.loads(devices)} == {"laptop", "phone", "tablet"}
 
 

@@ -15,10 +15,8 @@ from p2psync import demo
 def test_a_step_that_times_out_is_one_line_and_exit_1(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
     demo_workdir: Path,
 ) -> None:
-    workdir = demo_workdir
     # Pairing takes seconds, so it is given its usual time; syncing then gets none.
     pair = demo._Tour.pair
 
@@ -36,13 +34,12 @@ def test_a_step_that_times_out_is_one_line_and_exit_1(
         "FAILED: syncing notes/today.txt did not finish within 0.001s "
         "(a slow or overloaded machine?); the tour stopped there"
     ]
-    assert not workdir.exists()  # still cleaned up
+    assert not demo_workdir.exists()  # still cleaned up
 
 
 def test_a_pair_that_never_connects_is_a_failure(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
     demo_workdir: Path,
 ) -> None:
     monkeypatch.setattr(demo, "CONNECT_TIMEOUT", 0.5)
@@ -63,3 +60,4 @@ def test_a_pair_that_never_connects_is_a_failure(
     assert "FAILED: laptop and tablet never connected" in out
     assert "Some step FAILED (see above)." in out
     assert out.count("byte-identical: True") == 4  # the rest still ran, through the phone
+    assert not demo_workdir.exists()  # cleaned up after a failure too
