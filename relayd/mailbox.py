@@ -455,7 +455,8 @@ def _mark_running(
             "set): %d logs get a new log_id, so nodes pull and push them again",
             renewed,
         )
-    tmp = mark.with_name(mark.name + ".tmp")
+    # A name of its own: handles opened side by side (tests, tools) must not share it.
+    tmp = mark.with_name(f"{mark.name}.{os.getpid()}.{random_bytes(4).hex()}.tmp")
     with open(tmp, "w") as out:
         out.write(boot_id + "\n")
         out.flush()
