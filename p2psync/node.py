@@ -270,6 +270,7 @@ class PeerLink:
         self.verified = False
         self.verified_at = 0.0
         self._kick_send, self._kick_receive = trio.open_memory_channel[None](1)
+        self._wants_changed = False  # see wants_changed()
         # Object replies written at once (see defaults.SYNC_SERVE_STREAMS).
         self._serving = trio.Semaphore(defaults.SYNC_SERVE_STREAMS)
         self._done = trio.Event()
@@ -284,6 +285,11 @@ class PeerLink:
         """Something changed (announce queued, object arrived): run the session loop."""
         with contextlib.suppress(trio.WouldBlock):
             self._kick_send.send_nowait(None)
+
+    def wants_changed(self) -> None:
+        """Objects to fetch may have changed elsewhere (:meth:`SyncSession.wants_changed`)."""
+        self._wants_changed = True
+        self.kick()
 
     async def run(self) -> None:
         node = self.node
@@ -315,6 +321,9 @@ class PeerLink:
                     timer = self.session.get_timer()
                     if timer is not None and timer <= now:
                         await node.locked(self.session.handle_timer, now)
+                    if self._wants_changed:
+                        self._wants_changed = False
+                        await node.locked(self.session.wants_changed, now)
                     await self._flush(control, nursery)
                 await self._flush(control, nursery)
                 nursery.cancel_scope.cancel()
@@ -1259,6 +1268,8 @@ class Node:
                 self._received.extend(raws)  # _watch tracks their blobs (cheap: no rescan)
             else:
                 self._rescan_transfers = True
+            for link in self.active.values():  # their blobs: connected peers may have them
+                link.wants_changed()
         else:
             self._objects_arrived()  # objects only
         self._notify_changed()
@@ -1287,6 +1298,9 @@ class Node:
             self._rates.forget((their, "tx"))
             reason = link._close_reason or None
             self.events_hub.publish(PeerDisconnected(str(their), reason))
+        # Its session released the objects it was fetching: the others take them up now.
+        for other in self.active.values():
+            other.wants_changed()
 
     # --- loops ------------------------------------------------------------------------
 

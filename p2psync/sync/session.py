@@ -261,6 +261,10 @@ class ObjectClaims:
         if self._owners.get(oid) is owner:
             del self._owners[oid]
 
+    def held(self, oid: bytes) -> bool:
+        """Some session is fetching ``oid`` now."""
+        return oid in self._owners
+
     def __len__(self) -> int:
         return len(self._owners)
 
@@ -381,6 +385,9 @@ class SyncSession:
         # oid -> when to consider it again (the peer lacked it, or another
         # session was fetching it); insertion order is deadline order
         self._deferred: OrderedDict[bytes, float] = OrderedDict()
+        # Deferred because another session had claimed them (a subset of _deferred's keys):
+        # wants_changed() takes them up as soon as that claim is gone.
+        self._claim_waits: set[bytes] = set()
 
     # --- properties -------------------------------------------------------------
 
@@ -526,12 +533,27 @@ class SyncSession:
         if self._next_frontier_at is not None and now >= self._next_frontier_at:
             # Anti-entropy round: objects the peer lacked may have reached it since.
             self._deferred.clear()
+            self._claim_waits.clear()
             self._send_frontier(now)
         elif self._repair_at is not None and now >= self._repair_at:
             self._send_frontier(now)
         due = self._frontier_due()
         if self._pending_frontier is not None and due is not None and now >= due:
             self._plan(self._pending_frontier, now)
+        self._fill_wants(now)
+
+    def wants_changed(self, now: float) -> None:
+        """What this node should fetch changed outside this session: another
+        session released objects it had claimed (it closed: a duplicate link,
+        a peer gone), or entries with blobs arrived by another way (the relay
+        mailbox). Look for objects to fetch now, not at the next timer."""
+        self._require_started("wants_changed")
+        if self._state is not SessionState.ESTABLISHED:
+            return
+        for oid in [oid for oid in self._claim_waits if not self._claims.held(oid)]:
+            self._claim_waits.discard(oid)
+            if self._deferred.pop(oid, None) is not None:
+                self._want_queue.appendleft(oid)  # its claim is gone: next in line
         self._fill_wants(now)
 
     def announce(self, raws: Sequence[bytes]) -> None:
@@ -824,6 +846,7 @@ class SyncSession:
             if retry_at > now:
                 break
             del self._deferred[oid]
+            self._claim_waits.discard(oid)
         refilled = False
         while len(self._in_flight) < self._config.object_window:
             if not self._want_queue:
@@ -837,8 +860,9 @@ class SyncSession:
                 continue
             if not self._claims.claim(oid, self):
                 # Another session of this node is fetching it; look again
-                # later in case that fetch fails.
+                # later in case that fetch fails (or at once: wants_changed).
                 self._defer(oid, now)
+                self._claim_waits.add(oid)
                 continue
             self._in_flight.add(oid)
             self.stats.objects_wanted += 1
@@ -848,7 +872,8 @@ class SyncSession:
         self._deferred.pop(oid, None)  # re-inserted at the end: keeps deadline order
         self._deferred[oid] = now + self._config.unavailable_retry
         if len(self._deferred) > self._config.max_unavailable:
-            self._deferred.popitem(last=False)  # considered again early: one wasted round trip
+            evicted, _ = self._deferred.popitem(last=False)  # considered again early
+            self._claim_waits.discard(evicted)
 
     def _refill_want_queue(self) -> None:
         queued = set(self._want_queue)
@@ -891,6 +916,7 @@ class SyncSession:
         self.close_reason = reason
         self._send_plan.clear()
         self._deferred.clear()
+        self._claim_waits.clear()
         self._want_queue.clear()
         for oid in self._in_flight:
             self._claims.release(oid, self)

@@ -614,6 +614,28 @@ def test_connection_lost_releases_everything(make_node, network):
     assert link.acceptor.data_to_send() == b""  # no BYE on a dead connection
 
 
+def test_objects_a_closed_session_was_fetching_pass_to_another_at_once(make_node, network, kit):
+    """b links to a and to c, which both hold a's blob; the session that claimed it dies
+    (a duplicate link closed, a peer gone) before the object came. The shell tells b's
+    other session (wants_changed), which fetches it then, not at its next timer."""
+    a, b, c = make_node("a"), make_node("b"), make_node("c")
+    a.put("k", b"shared value")
+    to_c = network.connect(c, a)  # c syncs a's entry and blob first
+    network.disconnect(to_c)
+    from_a = network.connect(a, b, pump=False)
+    from_a.hold_objects = True  # b claims the blob over this link; it never arrives
+    network.pump()
+    assert len(b.claims) == 1 and len(from_a.wanted["b"]) == 1
+    from_c = network.connect(c, b)  # c has it too; b's session with c sees nothing new
+    assert from_c.wanted["b"] == [] and from_c.acceptor.get_timer() is not None
+    network.disconnect(from_a)
+    assert len(b.claims) == 0
+    from_c.acceptor.wants_changed(network.now)  # what PeerLink does when a link ends
+    network.pump()
+    assert from_c.wanted["b"] == from_a.wanted["b"]
+    assert kit.contents(b.store) == {"k": b"shared value"}
+
+
 def test_a_peer_repeating_frontier_gets_one_plan_per_interval_and_nothing_is_lost(
     make_node, network
 ):
