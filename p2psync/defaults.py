@@ -86,6 +86,11 @@ SYNC_OBJECT_WINDOW = 8
 # their turn. aioquic visits every stream with unsent data for every packet
 # it builds: 8 replies written at once cost the sender ~25% more CPU than one.
 SYNC_SERVE_STREAMS = 1
+# Object replies of a link that made no progress at all for this long are
+# given up and asked for again (a peer or path that went silent must not hold
+# the fetch window and the node's claims for ever). Per link, not per reply:
+# replies wait their turn behind others (above), which is progress too.
+SYNC_OBJECT_STALL_TIMEOUT = 30.0
 # A reply hands its turn to the next when fewer than this many of its bytes
 # are still unsent (~45 packets, one GSO batch): the next one is queued
 # before this one runs dry, so the link never idles between objects, and

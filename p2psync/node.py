@@ -271,6 +271,7 @@ class PeerLink:
         self.verified_at = 0.0
         self._kick_send, self._kick_receive = trio.open_memory_channel[None](1)
         self._wants_changed = False  # see wants_changed()
+        self._objects_moved_at = 0.0  # last progress of any object reply (_receive_object_bytes)
         # Object replies written at once (see defaults.SYNC_SERVE_STREAMS).
         self._serving = trio.Semaphore(defaults.SYNC_SERVE_STREAMS)
         self._done = trio.Event()
@@ -397,17 +398,28 @@ class PeerLink:
         node = self.node
         try:
             stream = await self.conn.open_stream()
+            body = None
+            stalled = False
+            self._objects_moved()  # a new request starts the clock
             async with stream:
                 await stream.send_all(want_frame(oid))
                 await stream.send_eof()
                 decoder = FrameDecoder(defaults.SYNC_MAX_OBJECT_FRAME)
-                body = None
                 while body is None:
-                    data = await stream.receive_some(1 << 20)
+                    data = await self._receive_object_bytes(stream)
+                    if data is None:
+                        stalled = True
+                        break
                     if not data:
                         break
                     decoder.feed(data)
                     body = decoder.next_frame()
+            if stalled:
+                node.counters["objects_stalled"] += 1
+                log.info(
+                    "object %s from %s: no object data for %.0f s; asking again",
+                    oid.hex()[:12], self._peer_label(), defaults.SYNC_OBJECT_STALL_TIMEOUT,
+                )  # fmt: skip
             if body is None:
                 await node.locked(self.session.object_failed, oid, trio.current_time())
             else:
@@ -431,6 +443,29 @@ class PeerLink:
                 with contextlib.suppress(P2PSyncError):
                     await node.locked(self.session.object_failed, oid, trio.current_time())
         self.kick()
+
+    def _objects_moved(self) -> None:
+        self._objects_moved_at = trio.current_time()
+
+    async def _receive_object_bytes(self, stream: Any) -> bytes | None:
+        """The next bytes of an object reply; None once no object reply of this link
+        has moved for ``SYNC_OBJECT_STALL_TIMEOUT``.
+
+        The clock is per link, not per reply: the peer writes replies one at
+        a time (SYNC_SERVE_STREAMS), so on a slow link a reply may wait its
+        turn behind several others, which is progress all the same. A peer
+        (or path) that sends nothing must not hold the fetch window and the
+        node's claims on those objects for ever: the replies are given up and
+        the objects asked for again, from this peer or another.
+        """
+        while True:
+            deadline = self._objects_moved_at + defaults.SYNC_OBJECT_STALL_TIMEOUT
+            if trio.current_time() >= deadline:
+                return None
+            with trio.move_on_at(deadline):
+                data: bytes = await stream.receive_some(1 << 20)
+                self._objects_moved()
+                return data
 
     async def _serve_objects(self, nursery: trio.Nursery) -> None:
         while True:
@@ -503,6 +538,7 @@ class Node:
             "protocol_violations": 0,
             "objects_received": 0,
             "objects_served": 0,
+            "objects_stalled": 0,
             "bad_object_requests": 0,
             "connections_failed": 0,
             "entries_received": 0,
