@@ -244,7 +244,8 @@ class ObjectClaims:
     Without it, two peers' sessions would both fetch a chunk they both
     offer. A session claims an object before it emits ObjectWanted and
     releases it when the object arrives, fails, or the session closes; the
-    others pick it up at their next refill if it is still missing.
+    others pick it up when the shell calls their :meth:`SyncSession.wants_changed`
+    (the node does when a link ends), else at their next refill.
     """
 
     __slots__ = ("_owners",)
