@@ -109,6 +109,7 @@ from p2psync.net.relay_client import (
     parse_relay_address,
 )
 from p2psync.net.tls import PeerIdentityMismatch
+from p2psync.net.traversal import local_addresses
 from p2psync.pairing import (
     CHALLENGE_SIZE,
     JOIN_CHALLENGE,
@@ -1438,8 +1439,8 @@ class Node:
         try:
             while self.active.get(node_id) is None and trio.current_time() < give_up:
                 info = self.peer_info.get(node_id)
-                addresses = info.lan_addresses if info is not None and info.lan_addresses else None
-                conn, address = await self._connect_lan(node_id, addresses or peer.addresses)
+                newest = info.lan_addresses if info is not None else ()
+                conn, address = await self._connect_lan(node_id, newest or peer.addresses)
                 if conn is not None:
                     with contextlib.suppress(P2PSyncError, trio.BrokenResourceError):
                         await self.run_link(conn, dialed=True, expected=node_id, address=address)
@@ -1533,15 +1534,10 @@ async def _run_relay(
 
 
 def _published_addresses(node: Node) -> list[Address]:
-    """The local addresses we tell the relay (its LOOKUPs hand them to peers).
-
-    Our socket's address if bound to one, else every non-loopback IPv4
-    address of this machine with our port.
-    """
+    """The local addresses we tell the relay (its LOOKUPs hand them to peers): the
+    ones CALL_ME_MAYBE offers too (:func:`~p2psync.net.traversal.local_addresses`)."""
     host, port = node.endpoint.local_address
-    if host not in ("0.0.0.0", ""):
-        return [(host, port)]
-    return [(h, port) for h in ipv4_addresses() if not h.startswith("127.")]
+    return [(h, port) for h in local_addresses(host)]
 
 
 async def _republish_loop(node: Node, relay: RelayClient) -> None:
