@@ -87,7 +87,7 @@ are handed out again. So the store keeps a running mark (``running``, the
 machine's boot id while open, removed by :meth:`MailboxStore.close`); a
 mark of another boot at open (the machine went down under relayd), or any
 other text in it (an operator's mark after a restore), gives every log a
-new ``log_id`` (:func:`_mark_running`). Nodes start over on a new
+new ``log_id`` (:meth:`MailboxStore._mark_running`). Nodes start over on a new
 ``log_id``, and also when a JOINED head is below what they pulled or saw:
 they pull everything again and push their whole feed again
 (:mod:`p2psync.mailbox_sync`, "Starting over"), since
@@ -415,56 +415,6 @@ _DELIVERED: Final = (
 # --- the store ---------------------------------------------------------------------------
 
 
-def _mark_running(
-    db: sqlite3.Connection, mark: Path, boot_id: str, random_bytes: RandomBytes
-) -> int:
-    """Record that the store is open in boot ``boot_id``; renew every log_id if the
-    mark left by the last open names another boot (or anything else). Returns
-    the number of logs renewed.
-
-    A mark that is still there names the boot in which relayd last had the
-    store open and did not close it. The same boot: the process died
-    (SIGKILL, a crash), which loses nothing committed (the kernel still had
-    the WAL's pages). Another boot: the machine went down under relayd
-    (power loss, kernel crash), which with ``synchronous=NORMAL`` may have
-    rolled back the last commits, so cursors already handed out could be
-    handed out again: a new ``log_id`` tells every node to start over.
-    """
-    renewed = 0
-    try:
-        previous: str | None = mark.read_text().strip()
-    except FileNotFoundError:
-        previous = None
-    if previous is not None and (not boot_id or previous != boot_id):
-        rows = db.execute("SELECT mailbox FROM mailboxes").fetchall()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for (mailbox,) in rows:
-                db.execute(
-                    "UPDATE mailboxes SET log_id = ? WHERE mailbox = ?",
-                    (random_bytes(LOG_ID_SIZE), mailbox),
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("PRAGMA wal_checkpoint(FULL)")  # the new ids are on disk before we go on
-        renewed = len(rows)
-        log.warning(
-            "the mailbox store was open when the machine went down (or the running mark was "
-            "set): %d logs get a new log_id, so nodes pull and push them again",
-            renewed,
-        )
-    # A name of its own: handles opened side by side (tests, tools) must not share it.
-    tmp = mark.with_name(f"{mark.name}.{os.getpid()}.{random_bytes(4).hex()}.tmp")
-    with open(tmp, "w") as out:
-        out.write(boot_id + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, mark)
-    return renewed
-
-
 class MailboxStore:
     """The mailboxes of one relayd data directory. Open with :meth:`open`; :meth:`close` it."""
 
@@ -523,10 +473,6 @@ class MailboxStore:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             _migrate(db, directory / DB_FILE)
-            renewed = _mark_running(db, directory / RUNNING_MARK, boot_id(), random_bytes)
-        except OSError as exc:
-            db.close()
-            raise ConfigError(f"{directory / RUNNING_MARK}: cannot write: {exc}") from None
         except sqlite3.Error as exc:
             db.close()
             raise ConfigError(f"{directory / DB_FILE}: mailbox database unusable: {exc}") from None
@@ -534,7 +480,11 @@ class MailboxStore:
             db.close()
             raise
         store = cls(directory, db, config, random_bytes, free)
-        store.renewed_log_ids = renewed
+        try:
+            store.renewed_log_ids = store._mark_running(boot_id())
+        except (OSError, sqlite3.Error) as exc:
+            db.close()  # not close(): a mark found here must stay for the next start
+            raise ConfigError(f"{directory / RUNNING_MARK}: {exc}") from None
         return store
 
     def close(self) -> None:
@@ -547,6 +497,49 @@ class MailboxStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _mark_running(self, boot_id: str) -> int:
+        """Record that the store is open in boot ``boot_id``; renew every log_id if the
+        mark left by the last open names another boot (or anything else). Returns
+        the number of logs renewed.
+
+        A mark that is still there names the boot in which relayd last had the
+        store open and did not close it. The same boot: the process died
+        (SIGKILL, a crash), which loses nothing committed (the kernel still had
+        the WAL's pages). Another boot: the machine went down under relayd
+        (power loss, kernel crash), which with ``synchronous=NORMAL`` may have
+        rolled back the last commits, so cursors already handed out could be
+        handed out again: a new ``log_id`` tells every node to start over.
+        """
+        mark = self.directory / RUNNING_MARK
+        renewed = 0
+        try:
+            previous: str | None = mark.read_text().strip()
+        except FileNotFoundError:
+            previous = None
+        if previous is not None and (not boot_id or previous != boot_id):
+            with self._write() as db:
+                mailboxes = db.execute("SELECT mailbox FROM mailboxes").fetchall()
+                for (mailbox,) in mailboxes:
+                    db.execute(
+                        "UPDATE mailboxes SET log_id = ? WHERE mailbox = ?",
+                        (self._random_bytes(LOG_ID_SIZE), mailbox),
+                    )
+            self._db.execute("PRAGMA wal_checkpoint(FULL)")  # the new ids on disk first
+            renewed = len(mailboxes)
+            log.warning(
+                "the mailbox store was open when the machine went down (or the running mark "
+                "was set): %d logs get a new log_id, so nodes pull and push them again",
+                renewed,
+            )
+        # A name of its own: handles opened side by side (tests, tools) must not share it.
+        tmp = mark.with_name(f"{mark.name}.{os.getpid()}.{self._random_bytes(4).hex()}.tmp")
+        with open(tmp, "w") as out:
+            out.write(boot_id + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, mark)
+        return renewed
 
     # --- transactions ------------------------------------------------------------------
 
