@@ -405,9 +405,8 @@ class RelayClient:
             connects = self.stats.connects
             try:
                 with trio.CancelScope() as scope:
-                    self._session_scope = scope
+                    self._session_scope = scope  # republish() cancels it while CONNECTED
                     await self._session()
-                self._session_scope = None
                 if scope.cancelled_caught:  # republish(): log in again now, no backoff
                     logger.info(
                         "relay %s: logging in again to publish %d new address(es)",
@@ -417,7 +416,6 @@ class RelayClient:
                     delay = self.config.backoff_initial
                     continue
             except BaseException as exc:
-                self._session_scope = None
                 if _contains(exc, ResourceClosed) and not _contains(exc, trio.Cancelled):
                     self.state = RelayState.CLOSED
                     return  # our endpoint is closed: nothing to reconnect with
